@@ -1,0 +1,105 @@
+"""Build optimizers by name: ``create("msam_adamw", model.parameters(), lr=1e-3, rho=0.05)``.
+
+Names are ``<base>`` for a plain ``torch.optim`` optimizer (``sgd``, ``adamw``, ...) and
+``<rule>_<base>`` for a SAM-family wrapper around it (``sam_sgd``, ``asam_adamw``, ``msam_sgd``).
+Every entry carries capability flags (passes per step, whether ``step`` needs a closure) so a
+training loop can adapt to the optimizer it was handed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .sam import ASAM, SAM, MongeSAM
+
+__all__ = ["OptimizerInfo", "create", "list_optimizers", "optimizer_info", "register_optimizer"]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """What the registry knows about a name."""
+
+    name: str
+    factory: Callable[..., Optimizer]
+    passes: int  #: forward/backward passes per step (1 for base optimizers, 2 for SAM)
+    needs_closure: bool  #: whether ``step`` must be given a closure
+    family: str  #: ``"base"`` or the wrapper's rule (``"sam"``, ``"asam"``, ``"msam"``)
+    base: str  #: the base optimizer's name
+    description: str
+
+
+_BASES: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
+}
+
+_RULES: dict[str, tuple[type, str]] = {
+    "sam": (SAM, "SAM (Foret et al. 2021): e = rho g / ||g||"),
+    "asam": (ASAM, "ASAM (Kwon et al. 2021): e = rho T^2 g / ||T g||, T = |w| + eta"),
+    "msam": (MongeSAM, "Monge-SAM (Jacobsen & Arvanitidis 2025): SAM with rho / sqrt(1 + a^2 |g|^2)"),
+}
+
+_REGISTRY: dict[str, OptimizerInfo] = {}
+
+
+def register_optimizer(info: OptimizerInfo, *, overwrite: bool = False) -> None:
+    """Add a name to the registry (``ValueError`` if it exists and ``overwrite`` is false)."""
+    if info.name in _REGISTRY and not overwrite:
+        raise ValueError(f"optimizer {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+
+
+def _wrapper_factory(rule_cls: type, base_cls: type[Optimizer]) -> Callable[..., Optimizer]:
+    def factory(params: Iterable[Any], **kwargs: Any) -> Optimizer:
+        return rule_cls(params, base_cls, **kwargs)
+
+    return factory
+
+
+for _bname, _bcls in _BASES.items():
+    register_optimizer(
+        OptimizerInfo(_bname, _bcls, 1, False, "base", _bname, f"torch.optim.{_bcls.__name__}")
+    )
+    for _rname, (_rcls, _rdesc) in _RULES.items():
+        register_optimizer(
+            OptimizerInfo(
+                f"{_rname}_{_bname}", _wrapper_factory(_rcls, _bcls), _rcls.passes,
+                _rcls.needs_closure, _rname, _bname, f"{_rdesc}, base torch.optim.{_bcls.__name__}",
+            )
+        )
+
+
+def list_optimizers(pattern: str = "*", *, with_info: bool = False) -> list[Any]:
+    """Registered names matching the shell-style ``pattern`` (sorted), or their
+    :class:`OptimizerInfo` records with ``with_info=True``."""
+    names = sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+    return [_REGISTRY[n] for n in names] if with_info else names
+
+
+def optimizer_info(name: str) -> OptimizerInfo:
+    """The :class:`OptimizerInfo` of ``name`` (``KeyError`` listing close names if unknown)."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        close = [n for n in _REGISTRY if key.split("_")[0] in n][:8]
+        raise KeyError(f"unknown optimizer {name!r}; known names include {close or list_optimizers()[:8]}")
+    return _REGISTRY[key]
+
+
+def create(name: str, params: Iterable[Any], **kwargs: Any) -> Optimizer:
+    """Build the optimizer registered as ``name`` on ``params``.
+
+    Wrapper options (``rho``, ``eta``, ``scope``, ``alpha``, ``max_grad_norm``, ...) and base options
+    (``lr``, ``momentum``, ``weight_decay``, ...) are given together as keyword arguments.
+    """
+    return optimizer_info(name).factory(params, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -91,35 +92,42 @@ class _RunningStatsGuard:
     """Freeze the running statistics of every normalization layer run while the guard is active.
 
     A global forward pre-hook (``torch.nn.modules.module.register_module_forward_pre_hook``) sees
-    every module called, so the optimizer needs no handle on the model: the first time a module that
-    tracks running statistics runs in training mode, its ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` are copied; :meth:`restore` writes them back and removes the hook. This is
-    exact for every momentum, including ``momentum=None`` (cumulative average), where the
-    ``momentum = 0`` trick of the reference code does not apply.
+    every module called, so the optimizer needs no handle on the model. The first time a module is
+    called, the guard walks its submodules (``module.modules()``) and copies ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` of each one that tracks running statistics; walking
+    the tree also reaches the layers inside a ``torch.compile``-d model (whose inner modules no longer
+    call hooks) or a ``DistributedDataParallel`` wrapper. :meth:`restore` writes the copies back and
+    removes the hook. This is exact for every momentum, including ``momentum=None`` (cumulative
+    average), where the ``momentum = 0`` trick of the reference code does not apply.
     """
 
     _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self) -> None:
-        self.saved: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.visited: set[int] = set()
+        self.saved: list[tuple[Tensor, Tensor]] = []
         self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: Any) -> None:
-        if (
-            module.training
-            and getattr(module, "track_running_stats", False)
-            and id(module) not in self.saved
-        ):
-            bufs = [getattr(module, n, None) for n in self._BUFFERS]
-            self.saved[id(module)] = [(b, b.detach().clone()) for b in bufs if isinstance(b, Tensor)]
+        if id(module) in self.visited:
+            return
+        for m in module.modules():
+            if id(m) in self.visited:
+                continue
+            self.visited.add(id(m))
+            if getattr(m, "track_running_stats", False):
+                for name in self._BUFFERS:
+                    b = getattr(m, name, None)
+                    if isinstance(b, Tensor):
+                        self.saved.append((b, b.detach().clone()))
 
     def restore(self) -> None:
         self.handle.remove()
         with torch.no_grad():
-            for pairs in self.saved.values():
-                for buf, copy in pairs:
-                    buf.copy_(copy)
+            for buf, copy in self.saved:
+                buf.copy_(copy)
         self.saved.clear()
+        self.visited.clear()
 
 
 class _Pending:
@@ -503,7 +511,9 @@ class SharpnessAwareOptimizer(Optimizer):
         try:
             if rng0 is not None:
                 rng0.restore()
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                # Our BatchNorm guard is a global hook; torch warns about it for compiled modules.
+                warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when")
                 loss_adv = closure()
             loss_adv_t = _loss_tensor(loss_adv, "second")
         except BaseException:

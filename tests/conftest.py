@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_hooks():
+    """Every test must leave no global module hook behind (the BatchNorm guard is temporary)."""
+    yield
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    assert len(hooks) == 0, f"a global forward pre-hook leaked: {hooks}"

@@ -541,6 +541,9 @@ def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_run(make, base_
     torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
     sd = opt_b.state_dict()
     assert sd["state"] and sd["flatminima"]["step"] == 5 and sd["param_groups"][0]["rho"] == 0.05
+    # Exactly the base optimizer's per-parameter state: no copy of the weights between steps.
+    assert all(set(v) == set(opt_a.base_optimizer.state_dict()["state"][k]) for k, v in sd["state"].items())
+    assert opt_b._pending is None
     del model_b, opt_b
     buf.seek(0)
     ckpt = torch.load(buf)

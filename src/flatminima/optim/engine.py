@@ -19,6 +19,7 @@ clear errors that leave the weights untouched, and free per-step statistics.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -168,6 +169,11 @@ class SharpnessAwareOptimizer(Optimizer):
             the base step (default ``None``: no clipping).
         check_finite: raise ``FloatingPointError`` when a pass gives a non-finite loss or gradient
             (one host sync per pass). Under a ``GradScaler`` the scaler's skip replaces the error.
+        first_pass_context: a callable returning a context manager entered around the first closure
+            call of :meth:`step`. With ``DistributedDataParallel`` pass ``ddp_model.no_sync``: the
+            first pass (forward and backward) is then not all-reduced, so each replica perturbs with
+            its own gradient (m-sharpness, the paper's default); the second pass is synchronized as
+            usual. Leave it ``None`` for a perturbation from the all-reduced gradient.
         eps: added to the norm in the perturbation (a zero gradient gives ``e = 0``).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
@@ -195,6 +201,7 @@ class SharpnessAwareOptimizer(Optimizer):
         restore_running_stats: bool = True,
         max_grad_norm: float | None = None,
         check_finite: bool = True,
+        first_pass_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         eps: float = 1e-12,
         **base_kwargs: Any,
     ) -> None:
@@ -208,6 +215,11 @@ class SharpnessAwareOptimizer(Optimizer):
         self.replay_rng = bool(replay_rng)
         self.restore_running_stats = bool(restore_running_stats)
         self.check_finite = bool(check_finite)
+        if first_pass_context is not None and not callable(first_pass_context):
+            raise TypeError(
+                f"first_pass_context must be callable (e.g. ddp_model.no_sync), got {first_pass_context!r}"
+            )
+        self.first_pass_context = first_pass_context
         self._pending: _Pending | None = None
         self._step_count_sam = 0
         self._stats: dict[str, Tensor | float] = {}
@@ -503,7 +515,8 @@ class SharpnessAwareOptimizer(Optimizer):
         devices = self._devices() if self.replay_rng else ()
         self.zero_grad(set_to_none=True)
         rng0 = _RNGState(devices) if self.replay_rng else None
-        with torch.enable_grad():
+        ctx = self.first_pass_context() if self.first_pass_context else contextlib.nullcontext()
+        with torch.enable_grad(), ctx:
             loss = closure()
         loss_t = _loss_tensor(loss, "first")
         self.first_step(loss=loss_t, scaler=scaler)

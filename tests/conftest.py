@@ -3,6 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tests use tiny models: one thread is fastest and immune to oversubscribed CI machines.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _no_leaked_global_hooks():

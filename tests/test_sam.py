@@ -320,7 +320,7 @@ def test_gradient_accumulation_inside_the_closure_equals_the_full_batch():
     for _ in range(3):
         la = opt_a.step(_closure(model_a, x, y))
         lb = opt_b.step(accumulated)
-        assert float(lb) == pytest.approx(float(la), rel=1e-12)
+        assert float(lb) == pytest.approx(float(la.detach()), rel=1e-12)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-11, atol=1e-13)
 

@@ -1,0 +1,329 @@
+"""The quick benchmark: a small MLP on digits with SGD, SAM, ASAM and Monge-SAM.
+
+:func:`run_quick` trains one model per (optimizer, seed) with the same data, model, batches and
+hyperparameters and records test / validation accuracy, the final training loss and the time per
+optimizer step; :func:`format_table` turns the records into a Markdown table (mean ± std over
+seeds). ``flatminima bench`` prints that table.
+
+The training loop is generic: it reads ``needs_closure`` from the registry and either calls
+``opt.step(closure)`` (SAM family: the closure runs twice per step) or ``zero_grad(); closure();
+opt.step()`` as with any ``torch.optim`` optimizer. Every optimizer gets the same closure.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..optim.registry import create, optimizer_info
+from .tasks.digits import make_digits, make_mlp
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "DEFAULT_OPTIMIZERS",
+    "DEFAULT_RHO",
+    "format_table",
+    "run_quick",
+    "summarize",
+]
+
+DEFAULT_OPTIMIZERS: tuple[str, ...] = ("sgd", "sam_sgd", "asam_sgd", "msam_sgd")
+DEFAULT_EPOCHS = 30
+#: Default radius per SAM-family rule (ASAM's radius lives in normalized coordinates).
+DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5, "msam": 0.05}
+#: Base optimizers that take a ``momentum`` argument.
+_MOMENTUM_BASES = frozenset({"sgd", "rmsprop"})
+
+
+def _optimizer_kwargs(
+    name: str,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float | Mapping[str, float] | None,
+    optimizer_kwargs: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``create(name, ...)``: shared base options, the rule's ``rho``, then
+    the per-name overrides."""
+    info = optimizer_info(name)
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if info.base in _MOMENTUM_BASES:
+        kwargs["momentum"] = momentum
+    if info.family != "base":
+        if isinstance(rho, Mapping):
+            r = rho.get(info.name, rho.get(info.family, DEFAULT_RHO.get(info.family)))
+        elif rho is not None:
+            r = rho
+        else:
+            r = DEFAULT_RHO.get(info.family)
+        if r is not None:
+            kwargs["rho"] = float(r)
+    if optimizer_kwargs and info.name in optimizer_kwargs:
+        kwargs.update(optimizer_kwargs[info.name])
+    return kwargs
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    acc = (model(x).argmax(dim=1) == y).double().mean().item()
+    model.train()
+    return float(acc)
+
+
+def _train_one(
+    name: str,
+    seed: int,
+    data: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    opt_kwargs: dict[str, Any],
+    model_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    info = optimizer_info(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make_mlp(data.num_features, data.num_classes, **model_kwargs)
+        opt = create(name, model.parameters(), **opt_kwargs)
+        loss_fn = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(seed)
+        n = data.x_train.shape[0]
+        xb = yb = data.x_train[:0]
+
+        def closure() -> Tensor:
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            return loss
+
+        model.train()
+        step_ns: list[int] = []
+        epoch_losses: list[float] = []
+        t_run = time.perf_counter()
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            loss_sum = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                xb, yb = data.x_train[idx], data.y_train[idx]
+                t0 = time.perf_counter_ns()
+                if info.needs_closure:
+                    loss = opt.step(closure)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss = closure()
+                    opt.step()
+                step_ns.append(time.perf_counter_ns() - t0)
+                if isinstance(loss, Tensor):
+                    loss = loss.detach()
+                loss_sum += float(loss) * idx.numel()
+            epoch_losses.append(loss_sum / n)
+        train_s = time.perf_counter() - t_run
+        stats = dict(getattr(opt, "stats", {}) or {})
+        record: dict[str, Any] = {
+            "optimizer": info.name,
+            "seed": int(seed),
+            "test_acc": _accuracy(model, data.x_test, data.y_test),
+            "val_acc": _accuracy(model, data.x_val, data.y_val),
+            "train_acc": _accuracy(model, data.x_train, data.y_train),
+            "train_acc_clean": _accuracy(model, data.x_train, data.y_train_clean),
+            "final_train_loss": epoch_losses[-1] if epoch_losses else math.nan,
+            "ms_per_step": sum(step_ns) / 1e6 / len(step_ns) if step_ns else math.nan,
+            "ms_per_step_median": statistics.median(step_ns) / 1e6 if step_ns else math.nan,
+            "steps": len(step_ns),
+            "epochs": epochs,
+            "passes": info.passes,
+            "train_seconds": train_s,
+            "train_loss_curve": epoch_losses,
+            "hparams": {k: v for k, v in opt_kwargs.items() if isinstance(v, (int, float, str))},
+            "last_stats": {k: float(v) for k, v in stats.items()},
+        }
+    return record
+
+
+def run_quick(
+    optimizers: Iterable[str] = DEFAULT_OPTIMIZERS,
+    epochs: int = DEFAULT_EPOCHS,
+    seeds: Sequence[int] = (0, 1),
+    batch_size: int = 64,
+    lr: float = 0.05,
+    label_noise: float = 0.0,
+    progress: bool | Callable[[str], None] = True,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    rho: float | Mapping[str, float] | None = None,
+    optimizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    data_seed: int = 0,
+    max_train: int | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    threads: int | None = 1,
+) -> list[dict[str, Any]]:
+    """Train the digits MLP once per (optimizer, seed) and return one record per run.
+
+    Every run sees the same data: the 60/20/20 stratified split, the optional subsample of
+    ``max_train`` training rows and the ``label_noise`` on training labels all come from
+    ``data_seed``. ``seed`` sets the initialization, the minibatch order (a ``torch.Generator``)
+    and dropout; the caller's global RNG state is left untouched. Given the seeds, results are
+    identical from run to run (timings aside).
+
+    Args:
+        optimizers: registry names (``flatminima.list_optimizers()``); checked before training.
+        epochs: passes over the training set (minibatches of ``batch_size``, last one smaller).
+        seeds: one run per seed and optimizer.
+        lr, momentum, weight_decay: base-optimizer options shared by every run (``momentum`` only
+            goes to bases that take it: SGD, RMSprop).
+        label_noise: fraction of training labels flipped to another class.
+        progress: ``True`` prints one line per run to stderr; a callable receives the line instead.
+        rho: SAM-family radius: one number for every rule, or a mapping from a name (``"sam_sgd"``)
+            or rule (``"asam"``) to a number; missing ones use :data:`DEFAULT_RHO`
+            (SAM 0.05, ASAM 0.5, Monge-SAM 0.05).
+        optimizer_kwargs: extra ``create`` options per optimizer name, applied last.
+        model_kwargs: options of :func:`~flatminima.bench.tasks.digits.make_mlp`
+            (``hidden``, ``batch_norm``, ``dropout``).
+        threads: ``torch.set_num_threads`` during the runs (restored afterwards); ``None`` keeps
+            the current setting. The default 1 suits this tiny model: with several intra-op
+            threads, a CPU shared with other processes makes steps 10-20x slower and the timings
+            meaningless.
+
+    Records come in run order: for each seed, every optimizer in turn (interleaved so that load
+    from other processes on a shared machine spoils every optimizer's timing alike). Each record
+    holds ``optimizer``, ``seed``, ``test_acc``, ``val_acc``, ``train_acc`` (on the labels trained
+    on), ``train_acc_clean``, ``final_train_loss`` (mean over the last epoch of the loss at ``w``
+    returned by the step, weighted by batch size), ``ms_per_step`` (mean wall time of the step call
+    including its forward/backward passes) and ``ms_per_step_median``, ``steps``, ``epochs``,
+    ``passes``, ``train_seconds``, ``train_loss_curve`` (per epoch), ``hparams``, ``last_stats``
+    (the optimizer's ``stats`` after the last step, empty for base optimizers), ``label_noise``,
+    ``batch_size``, ``data_seed`` and ``threads``. Nothing is selected on the validation set; its
+    accuracy is only reported.
+    """
+    names = [optimizer_info(n).name for n in optimizers]  # KeyError for unknown names, up front
+    if not names:
+        raise ValueError("no optimizers given")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no seeds given")
+    data = make_digits(data_seed, label_noise=label_noise, max_train=max_train)
+    kwargs = {
+        n: _optimizer_kwargs(
+            n, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho,
+            optimizer_kwargs=optimizer_kwargs,
+        )
+        for n in names
+    }
+    report: Callable[[str], None] | None
+    if callable(progress):
+        report = progress
+    elif progress:
+        def report(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+    else:
+        report = None
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    results: list[dict[str, Any]] = []
+    total = len(names) * len(seeds)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        # Seed-major order: a burst of load from other processes hits every optimizer alike.
+        for seed in seeds:
+            for name in names:
+                rec = _train_one(
+                    name, seed, data, epochs=epochs, batch_size=batch_size,
+                    opt_kwargs=kwargs[name], model_kwargs=dict(model_kwargs or {}),
+                )
+                rec["label_noise"] = float(label_noise)
+                rec["batch_size"] = int(batch_size)
+                rec["data_seed"] = int(data_seed)
+                rec["threads"] = torch.get_num_threads()
+                results.append(rec)
+                if report is not None:
+                    report(
+                        f"[{len(results)}/{total}] {name:<10} seed={seed}: "
+                        f"test {100 * rec['test_acc']:.2f}%  val {100 * rec['val_acc']:.2f}%  "
+                        f"loss {rec['final_train_loss']:.4f}  {rec['ms_per_step']:.3f} ms/step  "
+                        f"({rec['train_seconds']:.1f} s)"
+                    )
+    finally:
+        torch.set_num_threads(old_threads)
+    return results
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``n - 1``; NaN for a single value)."""
+    vals = [float(v) for v in values]
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else math.nan
+    return mean, std
+
+
+_METRICS = ("test_acc", "val_acc", "final_train_loss", "ms_per_step")
+
+
+def summarize(
+    results: Sequence[Mapping[str, Any]], baseline: str = "sgd"
+) -> list[dict[str, Any]]:
+    """Aggregate run records per optimizer (in order of first appearance).
+
+    Each row has ``optimizer``, ``runs``, ``<metric>_mean`` and ``<metric>_std`` for ``test_acc``,
+    ``val_acc``, ``final_train_loss`` and ``ms_per_step`` (sample std, ``n - 1``; NaN with one
+    run), and ``time_ratio``: mean ms/step divided by that of ``baseline`` (NaN without it).
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(str(r["optimizer"]), []).append(r)
+    rows: list[dict[str, Any]] = []
+    for name, recs in groups.items():
+        row: dict[str, Any] = {"optimizer": name, "runs": len(recs)}
+        for m in _METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([r[m] for r in recs])
+        rows.append(row)
+    base = next((r for r in rows if r["optimizer"] == baseline), None)
+    for row in rows:
+        ok = base is not None and base["ms_per_step_mean"] > 0
+        row["time_ratio"] = row["ms_per_step_mean"] / base["ms_per_step_mean"] if ok else math.nan
+    return rows
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    if math.isnan(std):
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def format_table(results: Sequence[Mapping[str, Any]], baseline: str = "sgd") -> str:
+    """A Markdown table of :func:`summarize`: per optimizer, mean ± std over seeds of the test and
+    validation accuracy (%, 2 decimals), the final training loss (4 decimals) and ms per step
+    (3 decimals), and the ratio of its ms/step to ``baseline``'s (``n/a`` without it)."""
+    header = (
+        "| optimizer | runs | test acc (%) | val acc (%) | final train loss | ms/step "
+        f"| time vs {baseline} |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in summarize(results, baseline):
+        ratio = "n/a" if math.isnan(row["time_ratio"]) else f"{row['time_ratio']:.2f}x"
+        cells = [
+            row["optimizer"],
+            str(row["runs"]),
+            _pm(100 * row["test_acc_mean"], 100 * row["test_acc_std"], ".2f"),
+            _pm(100 * row["val_acc_mean"], 100 * row["val_acc_std"], ".2f"),
+            _pm(row["final_train_loss_mean"], row["final_train_loss_std"], ".4f"),
+            _pm(row["ms_per_step_mean"], row["ms_per_step_std"], ".3f"),
+            ratio,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -220,6 +220,8 @@ def test_per_group_rho_with_one_global_norm():
     opt.first_step()
     torch.testing.assert_close(a.detach() - a0, 0.3 * ga / n, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(b.detach() - b0, 0.1 * gb / n, rtol=1e-12, atol=1e-15)
+    e_norm = float(torch.cat([0.3 * ga, 0.1 * gb]).norm() / n)
+    assert opt.stats["perturbation_norm"] == pytest.approx(e_norm, rel=1e-12)
     opt.cancel_step()
 
 

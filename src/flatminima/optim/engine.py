@@ -116,9 +116,10 @@ class _RunningStatsGuard:
             if id(m) in self.visited:
                 continue
             self.visited.add(id(m))
-            if getattr(m, "track_running_stats", False):
+            # __dict__/_buffers lookups: nn.Module.__getattr__ raises (slowly) for missing names.
+            if m.__dict__.get("track_running_stats", False):
                 for name in self._BUFFERS:
-                    b = getattr(m, name, None)
+                    b = m._buffers.get(name)
                     if isinstance(b, Tensor):
                         self.saved.append((b, b.detach().clone()))
 
@@ -298,6 +299,11 @@ class SharpnessAwareOptimizer(Optimizer):
         """Return ``e`` for the tensors ``params`` (one group dict and name per tensor)."""
         raise NotImplementedError
 
+    def _perturbation_norm(self, grad_norm: Tensor, groups: list[dict[str, Any]]) -> Tensor | None:
+        """``||e||`` in closed form from ``||g||`` when the rule has one (saves a pass over ``e``);
+        ``None`` makes the engine measure it."""
+        return None
+
     # ------------------------------------------------------------------ helpers
     def _collect(self) -> tuple[list[Tensor], list[Tensor], list[dict], list[str | None]]:
         params, grads, groups, names = [], [], [], []
@@ -368,19 +374,21 @@ class SharpnessAwareOptimizer(Optimizer):
             self._unscale_(grads, scaler)
         grad_norm = global_norm(grads, foreach=self.foreach)
         if params:
-            bad = ~torch.isfinite(grad_norm)
-            if loss_t is not None:
-                bad = bad | ~torch.isfinite(loss_t.to(grad_norm.device))
+            # One probe for the loss and the gradient: the sum is non-finite if either is.
+            probe = grad_norm if loss_t is None else grad_norm + loss_t.to(grad_norm.device)
             if scaled:
-                # poison e: the second pass then runs at NaN weights and scaler.step skips.
-                grad_norm = torch.where(bad, torch.full_like(grad_norm, math.nan), grad_norm)
-            elif self.check_finite and bool(bad):
+                # No host sync: a non-finite pass makes ||g|| (so e, so the second pass) NaN, and
+                # scaler.step then skips the whole step in second_step.
+                grad_norm = grad_norm + 0.0 * probe
+            elif self.check_finite and not bool(torch.isfinite(probe)):
                 raise FloatingPointError(
                     f"non-finite first pass (loss {float(loss_t) if loss_t is not None else 'n/a'}, "
                     f"gradient norm {float(grad_norm)}); the weights were not changed"
                 )
         e = self._perturbation(params, grads, groups, names, grad_norm) if params else []
-        e_norm = global_norm(e, foreach=self.foreach) if e else torch.zeros(())
+        e_norm = self._perturbation_norm(grad_norm, groups) if e else torch.zeros(())
+        if e_norm is None:
+            e_norm = global_norm(e, foreach=self.foreach)
         if self.foreach and params:
             saved = torch._foreach_clone(params)
         else:
@@ -445,16 +453,15 @@ class SharpnessAwareOptimizer(Optimizer):
         adv = [p.grad for p in pend.params]
         present = [(g, a) for g, a in zip(pend.grads, adv) if a is not None]
         adv_norm = global_norm([a for _, a in present], foreach=self.foreach)
-        bad = ~torch.isfinite(adv_norm) | ~torch.isfinite(pend.grad_norm)
-        if loss_t is not None:
-            bad = bad | ~torch.isfinite(loss_t.to(bad.device))
-        if not scaled and self.check_finite and bool(bad):
+        probe = adv_norm if loss_t is None else adv_norm + loss_t.to(adv_norm.device)
+        if not scaled and self.check_finite and not bool(torch.isfinite(probe)):
             raise FloatingPointError(
                 f"non-finite second pass (loss {float(loss_t) if loss_t is not None else 'n/a'}, "
                 f"gradient norm {float(adv_norm)}) at w + e; the weights were restored and the "
                 "base optimizer did not step"
             )
-        # cos(g, g_adv) from norms only: <g, a> = (|g + a|^2 - |g|^2 - |a|^2) / 2.
+        # For cos(g, g_adv), computed lazily in `stats`: <g, a> = (|g + a|^2 - |g|^2 - |a|^2) / 2.
+        sum_norm: Tensor | float = math.nan
         if present:
             gs = [g for g, _ in present]
             if self.foreach:
@@ -463,11 +470,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 for g, a in present:
                     g.add_(a)
             sum_norm = global_norm(gs, foreach=self.foreach)
-            g_norm = pend.grad_norm.to(adv_norm.device)
-            dot = (sum_norm.to(adv_norm.device) ** 2 - g_norm**2 - adv_norm**2) / 2
-            cos = (dot / (g_norm * adv_norm).clamp_min(1e-30)).clamp(-1.0, 1.0)
-        else:
-            cos = torch.tensor(math.nan)
+        pend_norm = pend.grad_norm
         del pend
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(
@@ -483,8 +486,8 @@ class SharpnessAwareOptimizer(Optimizer):
             {
                 "loss_adv": loss_t if loss_t is not None else math.nan,
                 "adv_grad_norm": adv_norm,
-                "cos": cos,
-                "skipped": bad.float() if scaled else 0.0,
+                "_sum_norm": sum_norm,
+                "_probe": probe + pend_norm.to(probe.device) if scaled else 0.0,
                 "step": float(self._step_count_sam),
             }
         )
@@ -549,9 +552,15 @@ class SharpnessAwareOptimizer(Optimizer):
         group), ``skipped`` (1.0 when a GradScaler skipped the step), ``step`` (steps taken).
         Losses are NaN when the manual API was not given them.
         """
-        out = {k: float(v) for k, v in self._stats.items()}
+        raw = {k: float(v) for k, v in self._stats.items()}
+        out = {k: v for k, v in raw.items() if not k.startswith("_")}
         if "loss" in out and "loss_adv" in out:
             out["sharpness"] = out["loss_adv"] - out["loss"]
+        if "_sum_norm" in raw:
+            g, a, s = out["grad_norm"], out["adv_grad_norm"], raw["_sum_norm"]
+            cos = (s * s - g * g - a * a) / 2 / max(g * a, 1e-30)
+            out["cos"] = min(1.0, max(-1.0, cos)) if math.isfinite(cos) else math.nan
+            out["skipped"] = 0.0 if math.isfinite(raw["_probe"]) else 1.0
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -595,3 +604,9 @@ class SharpnessAwareOptimizer(Optimizer):
 def per_tensor(groups: Sequence[dict[str, Any]], key: str) -> list[Any]:
     """``[group[key] for each tensor]``: the per-tensor view of a per-group option."""
     return [g[key] for g in groups]
+
+
+def shared_option(groups: Sequence[dict[str, Any]], key: str) -> Any | None:
+    """The value of ``key`` if every group has the same one, else ``None``."""
+    first = groups[0][key]
+    return first if all(g[key] == first for g in groups) else None

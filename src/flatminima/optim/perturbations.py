@@ -83,25 +83,27 @@ def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
     """
     if len(tensors) == 0:
         return torch.zeros(())
-    norms = _tensor_norms(tensors, foreach)
     device = tensors[0].device
+    if foreach and all(t.device == device for t in tensors):  # the common case: one fused call
+        norms = torch._foreach_norm(tensors, 2, dtype=_norm_dtype(tensors))
+        return torch.linalg.vector_norm(torch.stack(norms), 2)
+    norms = _tensor_norms(tensors, foreach)
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
 
 
 def _scaled(
     tensors: Sequence[Tensor], scale: Tensor, rho: Sequence[float], foreach: bool
 ) -> list[Tensor]:
-    """``[rho_i * scale * t_i]`` as new tensors (``scale`` is a 0-dim tensor)."""
+    """``[rho_i * scale * t_i]`` as new tensors (``scale`` is a 0-dim tensor); one multiply per
+    tensor, grouped by (device, rho) for the foreach kernels."""
     if not foreach:
-        return [t * scale.to(t.device) * r for t, r in zip(tensors, rho)]
+        return [t * (scale.to(t.device) * r) for t, r in zip(tensors, rho)]
     out: list[Tensor | None] = [None] * len(tensors)
-    for device, idx in _by_device(tensors).items():
-        ts = torch._foreach_mul([tensors[i] for i in idx], scale.to(device))
-        rs = [rho[i] for i in idx]
-        if all(r == rs[0] for r in rs):
-            torch._foreach_mul_(ts, rs[0])
-        else:
-            torch._foreach_mul_(ts, rs)
+    buckets: dict[tuple[torch.device, float], list[int]] = defaultdict(list)
+    for i, (t, r) in enumerate(zip(tensors, rho)):
+        buckets[(t.device, float(r))].append(i)
+    for (device, r), idx in buckets.items():
+        ts = torch._foreach_mul([tensors[i] for i in idx], scale.to(device) * r)
         for i, t in zip(idx, ts):
             out[i] = t
     return out  # type: ignore[return-value]

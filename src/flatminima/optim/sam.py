@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .engine import SharpnessAwareOptimizer, check_number, per_tensor
+from .engine import SharpnessAwareOptimizer, check_number, per_tensor, shared_option
 from .perturbations import asam_perturbation, monge_perturbation, sam_perturbation
 
 __all__ = ["ASAM", "MSAM", "SAM", "MongeSAM"]
@@ -59,6 +60,10 @@ class SAM(SharpnessAwareOptimizer):
         super().__init__(
             params, base_optimizer, base=base, group_defaults={"rho": rho}, **kwargs
         )
+
+    def _perturbation_norm(self, grad_norm: Tensor, groups: list[dict[str, Any]]) -> Tensor | None:
+        rho = shared_option(groups, "rho")
+        return None if rho is None else rho * grad_norm / (grad_norm + self.eps)
 
     def _perturbation(self, params, grads, groups, names, grad_norm) -> list[Tensor]:
         return sam_perturbation(
@@ -175,6 +180,12 @@ class MongeSAM(SharpnessAwareOptimizer):
         super()._validate_group(group)
         if "alpha" in group:
             check_number("alpha", group["alpha"])
+
+    def _perturbation_norm(self, grad_norm: Tensor, groups: list[dict[str, Any]]) -> Tensor | None:
+        rho, alpha = shared_option(groups, "rho"), shared_option(groups, "alpha")
+        if rho is None or alpha is None:
+            return None
+        return rho * grad_norm / (grad_norm * torch.sqrt(1.0 + alpha * alpha * grad_norm**2) + self.eps)
 
     def _perturbation(self, params, grads, groups, names, grad_norm) -> list[Tensor]:
         return monge_perturbation(

@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/flatminima bench
+	$(BIN)/flatminima bench --seeds 0,1,2
+	$(BIN)/flatminima bench --seeds 0,1,2 --label-noise 0.2
 
 bench-step: $(STAMP)
 	$(BIN)/python benchmarks/step_overhead.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def make_mlp(bn: bool = True, dropout: float = 0.3, seed: int = 0, dtype=torch.float32):
@@ -25,3 +26,14 @@ def make_batch(n: int = 32, seed: int = 0, dtype=torch.float32):
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def make_closure(model, x, y):
+    """The standard closure: cross-entropy forward, backward, return the loss."""
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure

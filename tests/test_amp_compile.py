@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import make_batch, make_mlp, state_equal
+from _helpers import make_closure as _plain_closure
 
 from flatminima import SAM, MongeSAM
 
@@ -27,15 +28,6 @@ def _scaled_closure(model, x, y, scaler, poison_call=None, calls=None):
         if calls[0] == poison_call:
             loss = loss * float("inf")
         scaler.scale(loss).backward()
-        return loss
-
-    return closure
-
-
-def _plain_closure(model, x, y):
-    def closure():
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
         return loss
 
     return closure

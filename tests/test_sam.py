@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import make_batch, make_mlp, state_equal
+from _helpers import make_closure as _closure
 
 import flatminima
 from flatminima import ASAM, SAM, MongeSAM
@@ -24,15 +25,6 @@ BASES = [
     ),
     pytest.param(torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2), id="adamw"),
 ]
-
-
-def _closure(model, x, y):
-    def closure():
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 # ---------------------------------------------------------------- one step against a hand computation

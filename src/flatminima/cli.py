@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,34 +39,24 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(kind: type, check: Callable[[float], bool], requirement: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses ``kind`` and checks it, naming the bad value."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not check(v):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {v}")
+        return v
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, ">= 1")
+_fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

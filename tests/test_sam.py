@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import make_batch, make_mlp, state_equal
+from _helpers import make_batch, make_closure, make_mlp, state_equal
 from _helpers import make_closure as _closure
 
 import flatminima
@@ -28,8 +28,9 @@ BASES = [
 
 
 # ---------------------------------------------------------------- one step against a hand computation
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("which", ["sam", "asam", "msam"])
-def test_one_step_on_quadratic_equals_hand_computed(which):
+def test_one_step_on_quadratic_equals_hand_computed(which, foreach):
     torch.manual_seed(0)
     n = 6
     q = torch.randn(n, n, dtype=torch.float64)
@@ -39,11 +40,11 @@ def test_one_step_on_quadratic_equals_hand_computed(which):
     lr, rho, eta, alpha = 0.05, 0.3, 0.1, 2.0
     named = [("layer.weight", w)]
     if which == "sam":
-        opt = SAM(named, torch.optim.SGD, rho=rho, lr=lr)
+        opt = SAM(named, torch.optim.SGD, rho=rho, lr=lr, foreach=foreach)
     elif which == "asam":
-        opt = ASAM(named, torch.optim.SGD, rho=rho, eta=eta, lr=lr)
+        opt = ASAM(named, torch.optim.SGD, rho=rho, eta=eta, lr=lr, foreach=foreach)
     else:
-        opt = MongeSAM(named, torch.optim.SGD, rho=rho, alpha=alpha, lr=lr)
+        opt = MongeSAM(named, torch.optim.SGD, rho=rho, alpha=alpha, lr=lr, foreach=foreach)
 
     seen = []
 
@@ -550,6 +551,22 @@ def test_resume_from_checkpoint_is_identical_to_an_uninterrupted_run(make, base_
     train(model_c, opt_c, range(5, 10))
     assert state_equal(model_a, model_c)
     assert opt_c.stats["step"] == 10.0
+
+
+def test_loading_a_plain_base_optimizer_checkpoint_keeps_the_rule_defaults():
+    model_a = make_mlp(dropout=0.0)
+    model_b = copy.deepcopy(model_a)
+    sgd = torch.optim.SGD(model_a.parameters(), lr=0.1, momentum=0.9)
+    sgd.step(make_closure(model_a, *make_batch()))  # torch optimizers accept a closure too
+    sam = SAM(model_b.parameters(), torch.optim.SGD, rho=0.07, lr=0.5, momentum=0.5)
+    model_b.load_state_dict(model_a.state_dict())
+    sam.load_state_dict(sgd.state_dict())
+    g = sam.param_groups[0]
+    assert (g["lr"], g["momentum"], g["rho"]) == (0.1, 0.9, 0.07)
+    buf_a = sgd.state[model_a[0].weight]["momentum_buffer"]
+    assert torch.equal(sam.state[model_b[0].weight]["momentum_buffer"], buf_a)
+    sam.step(make_closure(model_b, *make_batch()))
+    assert sam.stats["step"] == 1.0
 
 
 def test_deepcopy_keeps_the_base_optimizer():

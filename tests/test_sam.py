@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from _helpers import make_batch, make_closure, make_mlp, state_equal
 from _helpers import make_closure as _closure
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flatminima
 from flatminima import ASAM, SAM, MongeSAM
@@ -596,3 +598,42 @@ def test_registry_builds_the_right_objects():
     assert [i.name for i in flatminima.list_optimizers("sam_*", with_info=True)][0] == "sam_adagrad"
     with pytest.raises(KeyError, match="unknown optimizer"):
         flatminima.create("sam_lion", params)
+
+
+# ---------------------------------------------------------------- property: engine == closed form
+@settings(max_examples=30, deadline=None)
+@given(
+    rhos=st.lists(st.sampled_from([0.0, 0.01, 0.05, 0.5, 2.0]), min_size=1, max_size=4),
+    alphas=st.lists(st.sampled_from([0.0, 0.3, 1.0, 4.0]), min_size=4, max_size=4),
+    which=st.sampled_from(["sam", "msam"]),
+    foreach=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_engine_displacement_equals_the_closed_form_for_any_groups(rhos, alphas, which, foreach, seed):
+    g = torch.Generator().manual_seed(seed)
+    groups, params = [], []
+    for i, rho in enumerate(rhos):
+        ps = [torch.nn.Parameter(torch.randn(1 + i, 3, generator=g, dtype=torch.float64)) for _ in range(2)]
+        groups.append({"params": ps, "rho": rho, "alpha": alphas[i]})
+        params += [(p, rho, alphas[i]) for p in ps]
+    if which == "sam":
+        for grp in groups:
+            grp.pop("alpha")
+        opt = SAM(groups, torch.optim.SGD, lr=0.1, foreach=foreach)
+    else:
+        opt = MongeSAM(groups, torch.optim.SGD, lr=0.1, foreach=foreach)
+    w0 = [p.detach().clone() for p, _, _ in params]
+    for p, _, _ in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    grads = [p.grad.clone() for p, _, _ in params]
+    n = float(torch.cat([t.reshape(-1) for t in grads]).norm())
+    opt.first_step()
+    expected_sq = 0.0
+    for (p, rho, alpha), w, gr in zip(params, w0, grads):
+        a = alpha if which == "msam" else 0.0
+        e = rho * gr / (n * math.sqrt(1 + a * a * n * n))
+        expected_sq += float(e.pow(2).sum())
+        torch.testing.assert_close(p.detach() - w, e, rtol=1e-10, atol=1e-13)
+    assert opt.stats["perturbation_norm"] == pytest.approx(math.sqrt(expected_sq), rel=1e-10, abs=1e-14)
+    opt.cancel_step()
+    assert all(torch.equal(p, w) for (p, _, _), w in zip(params, w0))

@@ -36,7 +36,7 @@ def _unflat(v: torch.Tensor, like) -> list[torch.Tensor]:
     return out
 
 
-def _close(a, b, rtol=1e-12, atol=1e-14):
+def _assert_all_close(a, b, rtol=1e-12, atol=1e-14):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
@@ -55,7 +55,7 @@ def test_sam_closed_form(foreach):
     rho = 0.07
     g = _flat(grads)
     expected = _unflat(rho * g / g.norm(), grads)
-    _close(sam_perturbation(params, grads, rho, eps=0.0, foreach=foreach), expected)
+    _assert_all_close(sam_perturbation(params, grads, rho, eps=0.0, foreach=foreach), expected)
     # ||e|| = rho exactly (up to eps).
     e = sam_perturbation(params, grads, rho, foreach=foreach)
     assert math.isclose(float(_flat(e).norm()), rho, rel_tol=1e-12)
@@ -67,7 +67,7 @@ def test_sam_per_tensor_rho_uses_one_global_norm(foreach):
     rhos = [0.1, 0.0, 0.3, 0.05, 0.2]
     n = _flat(grads).norm()
     expected = [r * g / n for r, g in zip(rhos, grads)]
-    _close(sam_perturbation(params, grads, rhos, eps=0.0, foreach=foreach), expected)
+    _assert_all_close(sam_perturbation(params, grads, rhos, eps=0.0, foreach=foreach), expected)
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -81,7 +81,7 @@ def test_asam_closed_form(foreach, eta):
     g = _flat(grads)
     expected = _unflat(rho * t * t * g / (t * g).norm(), grads)
     got = asam_perturbation(params, grads, rho, eta=eta, adaptive=adaptive, eps=0.0, foreach=foreach)
-    _close(got, expected)
+    _assert_all_close(got, expected)
     # The constraint ||T^{-1} e|| = rho is active.
     assert math.isclose(float((_flat(got) / t).norm()), rho, rel_tol=1e-12)
 
@@ -90,7 +90,7 @@ def test_asam_with_all_tensors_adaptive_eta0_is_davda54_form():
     params, grads = _tensors(7), _tensors(8)
     w, g = _flat(params), _flat(grads)
     expected = _unflat(2.0 * w**2 * g / (w * g).norm(), grads)
-    _close(asam_perturbation(params, grads, 2.0, eta=0.0, adaptive=True, eps=0.0), expected)
+    _assert_all_close(asam_perturbation(params, grads, 2.0, eta=0.0, adaptive=True, eps=0.0), expected)
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -104,7 +104,7 @@ def test_monge_closed_form_is_metric_ball_maximizer(foreach, alpha):
     ginv_g = torch.linalg.solve(G, g)
     expected = _unflat(rho * ginv_g / torch.sqrt(g @ ginv_g), grads)
     got = monge_perturbation(params, grads, rho, alpha=alpha, eps=0.0, foreach=foreach)
-    _close(got, expected, rtol=1e-10, atol=1e-14)
+    _assert_all_close(got, expected, rtol=1e-10, atol=1e-14)
     # On the boundary of the metric ball: e^T G e = rho^2.
     e = _flat(got)
     assert math.isclose(float(e @ G @ e), rho**2, rel_tol=1e-10)

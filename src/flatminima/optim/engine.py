@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 
 from .perturbations import global_norm
 
-__all__ = ["SharpnessAwareOptimizer"]
+__all__ = ["SharpnessAwareOptimizer", "accepts_select"]
 
 _STATE_KEY = "flatminima"
 _STATE_VERSION = 1
@@ -66,6 +66,44 @@ def _loss_tensor(loss: Any, which: str) -> Tensor:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return torch.tensor(float(loss))
     raise TypeError(f"the closure must return the loss (a Tensor or float), got {type(loss)!r}")
+
+
+def accepts_select(closure: Callable[..., Any]) -> bool:
+    """Whether ``closure`` follows the per-sample contract ``closure(select=None)`` (it has a
+    parameter named ``select``) rather than the torch convention ``closure()``."""
+    try:
+        return "select" in inspect.signature(closure).parameters
+    except (TypeError, ValueError):  # builtins and other objects without a signature
+        return False
+
+
+def _sample_losses(out: Any, which: str, rows: int | None = None) -> Tensor:
+    """Check what a per-sample closure returned: a 1-D tensor with ``rows`` entries."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"a closure(select=None) must return the per-sample losses as a 1-D Tensor, got "
+            f"{type(out)!r} in the {which} pass"
+        )
+    if out.dim() != 1 or out.numel() == 0:
+        raise ValueError(
+            f"a closure(select=None) must return a non-empty 1-D tensor of per-sample losses "
+            f"(e.g. F.cross_entropy(..., reduction='none')), got shape {tuple(out.shape)} in the "
+            f"{which} pass"
+        )
+    if rows is not None and out.numel() != rows:
+        raise ValueError(
+            f"the closure returned {out.numel()} per-sample losses in the {which} pass, expected "
+            f"{rows} (one per selected row)"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_global_hook_warning() -> Any:
+    # Our BatchNorm guard is a global hook; torch warns about it for compiled modules.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when")
+        yield
 
 
 class _RNGState:
@@ -186,7 +224,9 @@ class SharpnessAwareOptimizer(Optimizer):
 
     #: Per-group defaults of the rule (set by subclasses), e.g. ``{"rho": 0.05}``.
     _rule_defaults: dict[str, Any] = {}
-    #: Forward/backward passes per step and whether ``step`` needs a closure (registry flags).
+    #: The perturbation rule (set by subclasses; ``None`` means ``_perturbation`` is overridden).
+    _rule: Any = None
+    #: Closure calls per step and whether ``step`` needs a closure (registry flags).
     passes: int = 2
     needs_closure: bool = True
 
@@ -276,6 +316,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """Raise ``ValueError`` naming the offending value; subclasses extend this."""
         if "rho" in group:
             check_number("rho", group["rho"])
+        if self._rule is not None:
+            self._rule.validate(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to both this optimizer and the base (with the rule's defaults)."""
@@ -296,13 +338,19 @@ class SharpnessAwareOptimizer(Optimizer):
         names: list[str | None],
         grad_norm: Tensor,
     ) -> list[Tensor]:
-        """Return ``e`` for the tensors ``params`` (one group dict and name per tensor)."""
-        raise NotImplementedError
+        """Return ``e`` for the tensors ``params`` (one group dict and name per tensor); by default
+        the class's :class:`~flatminima.optim.sam.PerturbationRule` ``_rule``."""
+        if self._rule is None:
+            raise NotImplementedError(f"{type(self).__name__} has no perturbation rule")
+        return self._rule.perturb(
+            params, grads, per_tensor(groups, "rho"), groups, names, grad_norm,
+            eps=self.eps, foreach=self.foreach,
+        )
 
     def _perturbation_norm(self, grad_norm: Tensor, groups: list[dict[str, Any]]) -> Tensor | None:
         """``||e||`` in closed form from ``||g||`` when the rule has one (saves a pass over ``e``);
         ``None`` makes the engine measure it."""
-        return None
+        return None if self._rule is None else self._rule.norm(grad_norm, groups, self.eps)
 
     # ------------------------------------------------------------------ helpers
     def _collect(self) -> tuple[list[Tensor], list[Tensor], list[dict], list[str | None]]:
@@ -493,8 +541,49 @@ class SharpnessAwareOptimizer(Optimizer):
         )
 
     # ------------------------------------------------------------------ torch-convention step
+    def _run_closure(
+        self,
+        closure: Callable[..., Any],
+        per_sample: bool,
+        scaler: Any,
+        which: str,
+        select: Tensor | None = None,
+        rows: int | None = None,
+    ) -> tuple[Any, Tensor, Tensor | None]:
+        """Call the closure once with grad enabled; return (value for the caller, the scalar loss
+        detached, the per-sample losses detached or ``None``).
+
+        A per-sample closure only runs the forward; the mean of its losses is backpropagated here
+        (through ``scaler.scale`` when a scaler is active)."""
+        if not per_sample:
+            out = closure()
+            return out, _loss_tensor(out, which), None
+        losses = _sample_losses(closure(select=select), which, rows)
+        loss = losses.mean()
+        (scaler.scale(loss) if self._scaler_active(scaler) else loss).backward()
+        loss = loss.detach()
+        return loss, loss, losses.detach()
+
+    def _first_pass(self, closure: Callable[..., Any], per_sample: bool, scaler: Any) -> tuple[Any, Tensor]:
+        """Forward and backward at ``w`` (inside ``first_pass_context``); return the value the step
+        returns and the scalar loss."""
+        ctx = self.first_pass_context() if self.first_pass_context else contextlib.nullcontext()
+        with torch.enable_grad(), ctx:
+            out, loss, _ = self._run_closure(closure, per_sample, scaler, "first")
+        return out, loss
+
+    def _second_pass(
+        self, closure: Callable[..., Any], per_sample: bool, scaler: Any, rng: _RNGState | None
+    ) -> Tensor:
+        """Forward and backward at ``w + e`` with the first pass's RNG state replayed; return the
+        scalar loss."""
+        if rng is not None:
+            rng.restore()
+        with torch.enable_grad(), _quiet_global_hook_warning():
+            return self._run_closure(closure, per_sample, scaler, "second")[1]
+
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, *, scaler: Any = None
+        self, closure: Callable[..., Any] | None = None, *, scaler: Any = None
     ) -> Any:
         r"""One SAM-family step; returns the loss at ``w`` (the first closure call's value).
 
@@ -503,6 +592,12 @@ class SharpnessAwareOptimizer(Optimizer):
         at ``w`` and at ``w + e``. Gradient accumulation over micro-batches belongs inside it. With
         a ``GradScaler``, the closure backpropagates ``scaler.scale(loss)``; pass ``scaler=`` here
         and call ``scaler.update()`` after the step.
+
+        A closure with a parameter named ``select`` follows the per-sample contract instead:
+        ``closure(select=None)`` runs only the forward and returns the 1-D tensor of per-sample
+        losses of the batch (of the rows ``select`` when given); the optimizer backpropagates their
+        mean itself (scaled by ``scaler``) and returns that mean. SAM, ASAM and Monge-SAM always
+        pass ``select=None``; :class:`~flatminima.optim.esam.ESAM` uses it for data selection.
 
         After an exception in either pass the weights and running statistics are those from before
         the step and the base optimizer has not stepped.
@@ -515,23 +610,15 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         if self._pending is not None:
             raise RuntimeError("step() called while a first_step() is pending; call cancel_step()")
+        per_sample = accepts_select(closure)
         devices = self._devices() if self.replay_rng else ()
         self.zero_grad(set_to_none=True)
         rng0 = _RNGState(devices) if self.replay_rng else None
-        ctx = self.first_pass_context() if self.first_pass_context else contextlib.nullcontext()
-        with torch.enable_grad(), ctx:
-            loss = closure()
-        loss_t = _loss_tensor(loss, "first")
+        out, loss_t = self._first_pass(closure, per_sample, scaler)
         self.first_step(loss=loss_t, scaler=scaler)
         rng1 = _RNGState(devices) if self.replay_rng else None
         try:
-            if rng0 is not None:
-                rng0.restore()
-            with torch.enable_grad(), warnings.catch_warnings():
-                # Our BatchNorm guard is a global hook; torch warns about it for compiled modules.
-                warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when")
-                loss_adv = closure()
-            loss_adv_t = _loss_tensor(loss_adv, "second")
+            loss_adv_t = self._second_pass(closure, per_sample, scaler, rng0)
         except BaseException:
             self.cancel_step()
             raise
@@ -539,7 +626,7 @@ class SharpnessAwareOptimizer(Optimizer):
             if rng1 is not None:
                 rng1.restore()
         self.second_step(loss=loss_adv_t, scaler=scaler)
-        return loss
+        return out
 
     # ------------------------------------------------------------------ stats and checkpoints
     @property
@@ -573,8 +660,16 @@ class SharpnessAwareOptimizer(Optimizer):
             "version": _STATE_VERSION,
             "optimizer": type(self).__name__,
             "step": self._step_count_sam,
+            **self._extra_state(),
         }
         return sd
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Subclass entries for the ``"flatminima"`` part of :meth:`state_dict`."""
+        return {}
+
+    def _load_extra_state(self, own: dict[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` saved (``own`` is empty for a plain base dict)."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict` (or a plain base-optimizer ``state_dict``: the rule's
@@ -590,6 +685,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 group.setdefault(k, v)
             self._validate_group(group)
         self._step_count_sam = int(own["step"]) if own else 0
+        self._load_extra_state(dict(own or {}))
 
     def __getstate__(self) -> dict[str, Any]:
         if self._pending is not None:

@@ -1,8 +1,13 @@
-"""SAM, ASAM and Monge-SAM: the two-pass engine with one perturbation rule each."""
+"""SAM, ASAM and Monge-SAM: the two-pass engine with one perturbation rule each.
+
+A :class:`PerturbationRule` bundles a rule's per-group options, their validation and the map
+``(w, g) -> e``; the optimizer classes here are the engine plus one rule, and
+:class:`~flatminima.optim.esam.ESAM` composes any rule (by name, :data:`RULES`) with its own savings.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +17,116 @@ from torch.optim import Optimizer
 from .engine import SharpnessAwareOptimizer, check_number, per_tensor, shared_option
 from .perturbations import asam_perturbation, monge_perturbation, sam_perturbation
 
-__all__ = ["ASAM", "MSAM", "SAM", "MongeSAM"]
+__all__ = ["ASAM", "MSAM", "RULES", "SAM", "MongeSAM", "PerturbationRule"]
+
+
+class PerturbationRule:
+    r"""One rule of the SAM family: ``e_i = rho_i D_i(w, g) / s(n)``, ``n`` a global norm.
+
+    ``perturb`` takes the per-tensor radii explicitly and a ``norm_scale`` that multiplies the
+    rule's normalizer ``n`` (``||g||``, or ``||T g||`` for ASAM): ESAM's per-tensor weight
+    perturbation sees only the kept tensors and passes ``norm_scale = 1 / sqrt(beta)`` to turn their
+    norm into an estimate of the full one. ``norm`` gives ``||e||`` in closed form when it has one.
+    """
+
+    name: str = ""
+    #: Per-group options besides ``rho`` and their defaults.
+    options: dict[str, Any] = {}
+
+    def validate(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming an invalid option of ``group``."""
+
+    def perturb(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        rhos: Sequence[float],
+        groups: Sequence[dict[str, Any]],
+        names: Sequence[str | None],
+        grad_norm: Tensor,
+        *,
+        eps: float,
+        foreach: bool,
+        norm_scale: float = 1.0,
+    ) -> list[Tensor]:
+        raise NotImplementedError
+
+    def norm(self, grad_norm: Tensor, groups: Sequence[dict[str, Any]], eps: float) -> Tensor | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<perturbation rule {self.name!r}>"
+
+
+class _SAMRule(PerturbationRule):
+    name = "sam"
+
+    def perturb(self, params, grads, rhos, groups, names, grad_norm, *, eps, foreach, norm_scale=1.0):
+        n = grad_norm if norm_scale == 1.0 else grad_norm * norm_scale
+        return sam_perturbation(params, grads, rhos, grad_norm=n, eps=eps, foreach=foreach)
+
+    def norm(self, grad_norm, groups, eps):
+        rho = shared_option(groups, "rho")
+        return None if rho is None else rho * grad_norm / (grad_norm + eps)
+
+
+_ASAM_SCOPES = ("weights", "all")
+
+
+def _is_adaptive(param: Tensor, name: str | None, scope: str) -> bool:
+    if scope == "all":
+        return True
+    if name is not None:
+        return name.endswith("weight")
+    return param.dim() >= 2
+
+
+class _ASAMRule(PerturbationRule):
+    name = "asam"
+    options = {"eta": 0.01, "scope": "weights"}
+
+    def validate(self, group):
+        if "eta" in group:
+            check_number("eta", group["eta"])
+        if "scope" in group and group["scope"] not in _ASAM_SCOPES:
+            raise ValueError(f"invalid scope: {group['scope']!r} (must be one of {_ASAM_SCOPES})")
+
+    def perturb(self, params, grads, rhos, groups, names, grad_norm, *, eps, foreach, norm_scale=1.0):
+        # ASAM measures its own normalizer ||T g||; scaling it by c is dividing the radius by c.
+        if norm_scale != 1.0:
+            rhos = [r / norm_scale for r in rhos]
+        adaptive = [_is_adaptive(p, n, g["scope"]) for p, n, g in zip(params, names, groups)]
+        return asam_perturbation(
+            params, grads, rhos, eta=per_tensor(groups, "eta"), adaptive=adaptive, eps=eps,
+            foreach=foreach,
+        )
+
+
+class _MongeRule(PerturbationRule):
+    name = "monge"
+    options = {"alpha": 1.0}
+
+    def validate(self, group):
+        if "alpha" in group:
+            check_number("alpha", group["alpha"])
+
+    def perturb(self, params, grads, rhos, groups, names, grad_norm, *, eps, foreach, norm_scale=1.0):
+        n = grad_norm if norm_scale == 1.0 else grad_norm * norm_scale
+        return monge_perturbation(
+            params, grads, rhos, alpha=per_tensor(groups, "alpha"), grad_norm=n, eps=eps,
+            foreach=foreach,
+        )
+
+    def norm(self, grad_norm, groups, eps):
+        rho, alpha = shared_option(groups, "rho"), shared_option(groups, "alpha")
+        if rho is None or alpha is None:
+            return None
+        return rho * grad_norm / (grad_norm * torch.sqrt(1.0 + alpha * alpha * grad_norm**2) + eps)
+
+
+#: The rules by name (``"msam"`` is an alias of ``"monge"``).
+RULES: dict[str, PerturbationRule] = {"sam": _SAMRule(), "asam": _ASAMRule(), "monge": _MongeRule()}
+RULES["msam"] = RULES["monge"]
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -48,6 +162,8 @@ class SAM(SharpnessAwareOptimizer):
         loss = opt.step(closure)       # calls closure at w, then at w + e
     """
 
+    _rule = RULES["sam"]
+
     def __init__(
         self,
         params: Iterable[Any] | None = None,
@@ -61,18 +177,6 @@ class SAM(SharpnessAwareOptimizer):
             params, base_optimizer, base=base, group_defaults={"rho": rho}, **kwargs
         )
 
-    def _perturbation_norm(self, grad_norm: Tensor, groups: list[dict[str, Any]]) -> Tensor | None:
-        rho = shared_option(groups, "rho")
-        return None if rho is None else rho * grad_norm / (grad_norm + self.eps)
-
-    def _perturbation(self, params, grads, groups, names, grad_norm) -> list[Tensor]:
-        return sam_perturbation(
-            params, grads, per_tensor(groups, "rho"), grad_norm=grad_norm, eps=self.eps,
-            foreach=self.foreach,
-        )
-
-
-_ASAM_SCOPES = ("weights", "all")
 
 
 class ASAM(SharpnessAwareOptimizer):
@@ -120,28 +224,12 @@ class ASAM(SharpnessAwareOptimizer):
             group_defaults={"rho": rho, "eta": eta, "scope": scope}, **kwargs,
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        if "eta" in group:
-            check_number("eta", group["eta"])
-        if "scope" in group and group["scope"] not in _ASAM_SCOPES:
-            raise ValueError(f"invalid scope: {group['scope']!r} (must be one of {_ASAM_SCOPES})")
+    _rule = RULES["asam"]
 
     @staticmethod
     def is_adaptive(param: Tensor, name: str | None, scope: str) -> bool:
         """Whether ``T = |w| + eta`` applies to this tensor under ``scope``."""
-        if scope == "all":
-            return True
-        if name is not None:
-            return name.endswith("weight")
-        return param.dim() >= 2
-
-    def _perturbation(self, params, grads, groups, names, grad_norm) -> list[Tensor]:
-        adaptive = [self.is_adaptive(p, n, g["scope"]) for p, n, g in zip(params, names, groups)]
-        return asam_perturbation(
-            params, grads, per_tensor(groups, "rho"), eta=per_tensor(groups, "eta"),
-            adaptive=adaptive, eps=self.eps, foreach=self.foreach,
-        )
+        return _is_adaptive(param, name, scope)
 
 
 class MongeSAM(SharpnessAwareOptimizer):
@@ -176,22 +264,7 @@ class MongeSAM(SharpnessAwareOptimizer):
             **kwargs,
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        if "alpha" in group:
-            check_number("alpha", group["alpha"])
-
-    def _perturbation_norm(self, grad_norm: Tensor, groups: list[dict[str, Any]]) -> Tensor | None:
-        rho, alpha = shared_option(groups, "rho"), shared_option(groups, "alpha")
-        if rho is None or alpha is None:
-            return None
-        return rho * grad_norm / (grad_norm * torch.sqrt(1.0 + alpha * alpha * grad_norm**2) + self.eps)
-
-    def _perturbation(self, params, grads, groups, names, grad_norm) -> list[Tensor]:
-        return monge_perturbation(
-            params, grads, per_tensor(groups, "rho"), alpha=per_tensor(groups, "alpha"),
-            grad_norm=grad_norm, eps=self.eps, foreach=self.foreach,
-        )
+    _rule = RULES["monge"]
 
 
 #: Short alias of :class:`MongeSAM`.

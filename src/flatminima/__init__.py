@@ -9,6 +9,7 @@ Quick use::
 
 from .optim import (
     ASAM,
+    ESAM,
     MSAM,
     SAM,
     MongeSAM,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "ESAM",
     "MSAM",
     "SAM",
     "MongeSAM",

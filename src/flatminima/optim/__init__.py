@@ -1,23 +1,30 @@
 """Flat-minima optimizers: the SAM family on one two-pass engine, and a by-name registry."""
 
-from .engine import SharpnessAwareOptimizer
+from .engine import SharpnessAwareOptimizer, accepts_select
+from .esam import ESAM, num_selected, select_top
 from .perturbations import asam_perturbation, global_norm, monge_perturbation, sam_perturbation
 from .registry import OptimizerInfo, create, list_optimizers, optimizer_info, register_optimizer
-from .sam import ASAM, MSAM, SAM, MongeSAM
+from .sam import ASAM, MSAM, RULES, SAM, MongeSAM, PerturbationRule
 
 __all__ = [
     "ASAM",
+    "ESAM",
     "MSAM",
     "SAM",
     "MongeSAM",
     "OptimizerInfo",
+    "PerturbationRule",
+    "RULES",
     "SharpnessAwareOptimizer",
+    "accepts_select",
     "asam_perturbation",
     "create",
     "global_norm",
     "list_optimizers",
     "monge_perturbation",
+    "num_selected",
     "optimizer_info",
     "register_optimizer",
     "sam_perturbation",
+    "select_top",
 ]

@@ -564,19 +564,26 @@ class SharpnessAwareOptimizer(Optimizer):
         loss = loss.detach()
         return loss, loss, losses.detach()
 
-    def _first_pass(self, closure: Callable[..., Any], per_sample: bool, scaler: Any) -> tuple[Any, Tensor]:
+    def _first_pass(
+        self, closure: Callable[..., Any], per_sample: bool, scaler: Any
+    ) -> tuple[Any, Tensor, Tensor | None]:
         """Forward and backward at ``w`` (inside ``first_pass_context``); return the value the step
-        returns and the scalar loss."""
+        returns, the scalar loss and the per-sample losses (``None`` for a standard closure)."""
         ctx = self.first_pass_context() if self.first_pass_context else contextlib.nullcontext()
         with torch.enable_grad(), ctx:
-            out, loss, _ = self._run_closure(closure, per_sample, scaler, "first")
-        return out, loss
+            return self._run_closure(closure, per_sample, scaler, "first")
 
     def _second_pass(
-        self, closure: Callable[..., Any], per_sample: bool, scaler: Any, rng: _RNGState | None
+        self,
+        closure: Callable[..., Any],
+        per_sample: bool,
+        scaler: Any,
+        rng: _RNGState | None,
+        clean_losses: Tensor | None,
     ) -> Tensor:
         """Forward and backward at ``w + e`` with the first pass's RNG state replayed; return the
-        scalar loss."""
+        scalar loss. ``clean_losses`` (the first pass's per-sample losses) serve subclasses that
+        select data."""
         if rng is not None:
             rng.restore()
         with torch.enable_grad(), _quiet_global_hook_warning():
@@ -614,11 +621,11 @@ class SharpnessAwareOptimizer(Optimizer):
         devices = self._devices() if self.replay_rng else ()
         self.zero_grad(set_to_none=True)
         rng0 = _RNGState(devices) if self.replay_rng else None
-        out, loss_t = self._first_pass(closure, per_sample, scaler)
+        out, loss_t, clean_losses = self._first_pass(closure, per_sample, scaler)
         self.first_step(loss=loss_t, scaler=scaler)
         rng1 = _RNGState(devices) if self.replay_rng else None
         try:
-            loss_adv_t = self._second_pass(closure, per_sample, scaler, rng0)
+            loss_adv_t = self._second_pass(closure, per_sample, scaler, rng0, clean_losses)
         except BaseException:
             self.cancel_step()
             raise

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .esam import ESAM
 from .sam import ASAM, SAM, MongeSAM
 
 __all__ = ["OptimizerInfo", "create", "list_optimizers", "optimizer_info", "register_optimizer"]
@@ -27,11 +28,14 @@ class OptimizerInfo:
 
     name: str
     factory: Callable[..., Optimizer]
-    passes: int  #: forward/backward passes per step (1 for base optimizers, 2 for SAM)
+    passes: int  #: closure calls per step (1 for base optimizers, 2 for SAM, 3 for ESAM)
     needs_closure: bool  #: whether ``step`` must be given a closure
-    family: str  #: ``"base"`` or the wrapper's rule (``"sam"``, ``"asam"``, ``"msam"``)
+    family: str  #: ``"base"`` or the wrapper's rule (``"sam"``, ``"asam"``, ``"msam"``, ``"esam"``)
     base: str  #: the base optimizer's name
     description: str
+    #: whether ``step`` makes use of a per-sample closure ``closure(select=None)`` (ESAM's data
+    #: selection); every SAM-family optimizer accepts one, base optimizers do not
+    per_sample: bool = False
 
 
 _BASES: dict[str, type[Optimizer]] = {
@@ -48,6 +52,7 @@ _RULES: dict[str, tuple[type, str]] = {
     "sam": (SAM, "SAM (Foret et al. 2021): e = rho g / ||g||"),
     "asam": (ASAM, "ASAM (Kwon et al. 2021): e = rho T^2 g / ||T g||, T = |w| + eta"),
     "msam": (MongeSAM, "Monge-SAM (Jacobsen & Arvanitidis 2025): SAM with rho / sqrt(1 + a^2 |g|^2)"),
+    "esam": (ESAM, "ESAM (Du et al. 2022): any rule + weight masks (beta) + data selection (gamma)"),
 }
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
@@ -76,6 +81,7 @@ for _bname, _bcls in _BASES.items():
             OptimizerInfo(
                 f"{_rname}_{_bname}", _wrapper_factory(_rcls, _bcls), _rcls.passes,
                 _rcls.needs_closure, _rname, _bname, f"{_rdesc}, base torch.optim.{_bcls.__name__}",
+                per_sample=_rcls is ESAM,
             )
         )
 
@@ -99,7 +105,8 @@ def optimizer_info(name: str) -> OptimizerInfo:
 def create(name: str, params: Iterable[Any], **kwargs: Any) -> Optimizer:
     """Build the optimizer registered as ``name`` on ``params``.
 
-    Wrapper options (``rho``, ``eta``, ``scope``, ``alpha``, ``max_grad_norm``, ...) and base options
+    Wrapper options (``rho``, ``eta``, ``scope``, ``alpha``, ``beta``, ``gamma``, ``perturbation``,
+    ``max_grad_norm``, ...) and base options
     (``lr``, ``momentum``, ``weight_decay``, ...) are given together as keyword arguments.
     """
     return optimizer_info(name).factory(params, **kwargs)

@@ -30,6 +30,8 @@ class PerturbationRule:
     """
 
     name: str = ""
+    #: The default radius of the rule.
+    rho: float = 0.05
     #: Per-group options besides ``rho`` and their defaults.
     options: dict[str, Any] = {}
 
@@ -83,6 +85,7 @@ def _is_adaptive(param: Tensor, name: str | None, scope: str) -> bool:
 
 class _ASAMRule(PerturbationRule):
     name = "asam"
+    rho = 0.5
     options = {"eta": 0.01, "scope": "weights"}
 
     def validate(self, group):

@@ -169,6 +169,7 @@ class ESAM(SharpnessAwareOptimizer):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+        self._generator(torch.device("cpu"))  # always in the checkpoint, even before a draw
         self._kept: set[int] | None = None  # ids of the tensors kept by the current tensor mask
         self._kept_fraction: Tensor | float = 1.0
         self._warned_standard_closure = False
@@ -337,10 +338,15 @@ class ESAM(SharpnessAwareOptimizer):
         return {
             "beta": self.beta,
             "gamma": self.gamma,
+            "seed": self.seed,
             "generators": {k: g.get_state() for k, g in self._generators.items()},
         }
 
     def _load_extra_state(self, own: dict[str, Any]) -> None:
+        if "seed" not in own:  # a plain base-optimizer checkpoint: keep our generators
+            return
+        self.seed = int(own["seed"])
+        self._generators = {}  # devices without a saved state restart from the seed
         for key, state in own.get("generators", {}).items():
             self._generator(torch.device(key)).set_state(state)
 

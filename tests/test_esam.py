@@ -393,6 +393,11 @@ def test_one_sds_step_equals_a_hand_computed_step():
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
     assert opt.stats["selected"] == k / 12
     assert opt.stats["delta_mean"] == pytest.approx(float(delta.mean()), rel=1e-10)
+    with torch.no_grad():
+        adv_batch, adv_rows = float(f(w_adv).mean()), float(f(w_adv, torch.tensor(rows)).mean())
+    assert opt.stats["loss_adv"] == pytest.approx(adv_batch, rel=1e-12)
+    assert opt.stats["loss_selected"] == pytest.approx(adv_rows, rel=1e-12)
+    assert opt.stats["sharpness"] == pytest.approx(opt.stats["delta_mean"], rel=1e-9)
 
 
 def test_tiny_gamma_still_selects_one_sample():

@@ -323,6 +323,7 @@ class ESAM(SharpnessAwareOptimizer):
                 "the weights were restored and the base optimizer did not step"
             )
         self._stats["delta_mean"] = mean
+        self._stats["_loss_adv_batch"] = adv.detach().mean()
         return select_top(delta, num_selected(self.gamma, delta.numel()))
 
     # ------------------------------------------------------------------ stats and checkpoints
@@ -330,9 +331,18 @@ class ESAM(SharpnessAwareOptimizer):
     def stats(self) -> dict[str, float]:
         r"""Those of :class:`~flatminima.SharpnessAwareOptimizer` plus ``swp_kept`` (fraction of
         parameter entries perturbed), ``selected`` (fraction of the batch in the descent gradient)
-        and ``delta_mean`` (mean ``Delta_i`` over the batch; NaN when no scoring pass ran). ``cos``
-        is over the perturbed tensors."""
-        return super().stats
+        and ``delta_mean`` (mean ``Delta_i`` over the batch; NaN when no scoring pass ran).
+
+        When a scoring pass ran, ``loss_adv`` is the whole batch's mean loss at ``w + e`` (so
+        ``sharpness`` equals ``delta_mean``) and ``loss_selected`` the selected samples' mean loss
+        at ``w + e``. With ``swp="tensor"``, ``grad_norm`` and ``cos`` are over the kept tensors."""
+        out = super().stats
+        full = self._stats.get("_loss_adv_batch")
+        if full is not None and "loss_adv" in out:
+            out["loss_selected"] = out["loss_adv"]
+            out["loss_adv"] = float(full)
+            out["sharpness"] = out["loss_adv"] - out["loss"]
+        return out
 
     def _extra_state(self) -> dict[str, Any]:
         return {

@@ -3,8 +3,10 @@ the summary table and the command line. Every test checks numbers (about 10 s in
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -200,6 +202,95 @@ def test_run_quick_rho_defaults_and_overrides():
     assert res[1]["hparams"]["rho"] == 0.1
 
 
+# ---------------------------------------------------------------------------- labelled variants
+def test_run_quick_variant_without_options_equals_the_plain_name():
+    plain, variant = run_quick(("sam_sgd", ("sam_plain", "sam_sgd", {})), **QUICK)
+    assert (plain["optimizer"], variant["optimizer"]) == ("sam_sgd", "sam_plain")
+    assert plain["registry_name"] == variant["registry_name"] == "sam_sgd"
+    a, b = _numbers([plain])[0], _numbers([variant])[0]
+    a.pop("optimizer"), b.pop("optimizer")
+    assert a == b  # same hparams, test_acc, final_train_loss, curve, stats: bit for bit
+    assert plain["test_acc"] > 0.5
+
+
+def test_run_quick_esam_with_beta_and_gamma_one_retraces_sam():
+    """ESAM(beta=1, gamma=1) is SAM; it gets the per-sample closure, whose mean reduction can
+    differ from cross_entropy's in the last bits, so losses agree to 1e-6, accuracies exactly."""
+    sam, esam = run_quick(
+        ("sam_sgd", ("esam_11", "esam_sgd", {"beta": 1.0, "gamma": 1.0})), **QUICK
+    )
+    assert esam["registry_name"] == "esam_sgd" and esam["passes"] == 3
+    assert esam["hparams"] == {**sam["hparams"], "beta": 1.0, "gamma": 1.0}  # rho 0.05 as SAM
+    for key in ("test_acc", "val_acc", "train_acc", "train_acc_clean"):
+        assert esam[key] == sam[key], key
+    assert esam["final_train_loss"] == pytest.approx(sam["final_train_loss"], rel=0, abs=1e-6)
+    assert esam["train_loss_curve"] == pytest.approx(sam["train_loss_curve"], rel=0, abs=1e-6)
+    assert esam["last_stats"]["selected"] == 1.0 and esam["last_stats"]["swp_kept"] == 1.0
+    assert math.isnan(esam["last_stats"]["delta_mean"])  # gamma = 1: no scoring pass
+    assert esam["last_stats"]["loss"] == pytest.approx(sam["last_stats"]["loss"], abs=1e-6)
+
+
+def test_run_quick_esam_variants_select_data_and_mask_weights():
+    """The per-sample closure reaches ESAM: data selection runs (no standard-closure warning, the
+    last batch of 600 - 37 * 16 = 8 rows keeps ceil(0.5 * 8) = 4) and SWP masks tensors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = run_quick(
+            (("sds", "esam_sgd", {"beta": 1.0, "gamma": 0.5}),
+             ("swp", "esam_sgd", {"beta": 0.5, "gamma": 1.0}),
+             ("esam_asam", "esam_sgd", {"perturbation": "asam"})),
+            optimizer_kwargs={"esam_sgd": {"beta": 0.5, "gamma": 0.5}}, **QUICK,
+        )
+    sds, swp, easam = res
+    assert [r["optimizer"] for r in res] == ["sds", "swp", "esam_asam"]
+    assert {r["registry_name"] for r in res} == {"esam_sgd"}
+    # rho: the family default, or the rule's for ESAM around ASAM; the variant overrides the
+    # per-name options.
+    assert sds["hparams"]["rho"] == 0.05 and easam["hparams"]["rho"] == 0.5
+    assert (sds["hparams"]["beta"], sds["hparams"]["gamma"]) == (1.0, 0.5)
+    assert (swp["hparams"]["beta"], swp["hparams"]["gamma"]) == (0.5, 1.0)
+    assert (easam["hparams"]["beta"], easam["hparams"]["gamma"]) == (0.5, 0.5)
+    assert sds["last_stats"]["selected"] == 0.5
+    assert math.isfinite(sds["last_stats"]["delta_mean"]) and sds["last_stats"]["swp_kept"] == 1.0
+    assert swp["last_stats"]["selected"] == 1.0 and math.isnan(swp["last_stats"]["delta_mean"])
+    kept = swp["last_stats"]["swp_kept"]
+    # 6 tensors of the digits MLP: the kept fraction of entries is a sum of whole tensors' sizes.
+    sizes = [p.numel() for p in make_mlp().parameters()]
+    total = sum(sizes)
+    sums = {sum(s for s, on in zip(sizes, bits, strict=True) if on) / total
+            for bits in itertools.product((0, 1), repeat=len(sizes))}
+    assert any(kept == pytest.approx(v, abs=1e-12) for v in sums)
+    for r in res:
+        assert r["steps"] == 2 * math.ceil(600 / 16) and r["test_acc"] > 0.5
+        assert r["train_loss_curve"][1] < r["train_loss_curve"][0]
+    assert easam["last_stats"]["selected"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "optimizers",
+    [("sgd", ("sgd", "sam_sgd", {})),
+     (("a", "sam_sgd", {}), ("a", "esam_sgd", {"beta": 1.0})),
+     ("sgd", "sgd")],
+)
+def test_run_quick_rejects_duplicate_labels(optimizers):
+    with pytest.raises(ValueError, match="unique"):
+        run_quick(optimizers, **QUICK)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [("x", "sam_sgd"), ("x", "sam_sgd", None), (1, "sam_sgd", {}), ("", "sam_sgd", {}), None],
+)
+def test_run_quick_rejects_malformed_entries(entry):
+    with pytest.raises(ValueError, match="label, registry_name, kwargs"):
+        run_quick(("sgd", entry), **QUICK)
+
+
+def test_run_quick_variant_with_unknown_registry_name_raises_keyerror():
+    with pytest.raises(KeyError, match="nope"):
+        run_quick(("sgd", ("v", "nope", {})), **QUICK)
+
+
 # ---------------------------------------------------------------------------- table
 def _fake(opt, seed, test, val, loss, ms):
     return {"optimizer": opt, "seed": seed, "test_acc": test, "val_acc": val,
@@ -277,7 +368,8 @@ def test_cli_unknown_optimizer_exits_2(capsys):
 @pytest.mark.parametrize(
     "argv",
     [[], ["frobnicate"], ["bench", "--seeds", "a,b"], ["bench", "--epochs", "0"],
-     ["bench", "--label-noise", "1.5"], ["bench", "--optimizers", ","]],
+     ["bench", "--label-noise", "1.5"], ["bench", "--optimizers", ","],
+     ["bench", "--optimizers", "sgd,SGD"]],
 )
 def test_cli_bad_arguments_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -292,7 +384,7 @@ def test_cli_list_prints_the_registry(capsys):
     row = {line.split()[0]: line.split()[1:3] for line in lines[1:]}
     assert set(row) == set(flatminima.list_optimizers())
     assert row["sgd"] == ["1", "no"] and row["sam_sgd"] == ["2", "yes"]
-    assert row["msam_adamw"] == ["2", "yes"]
+    assert row["msam_adamw"] == ["2", "yes"] and row["esam_sgd"] == ["3", "yes"]
 
 
 def test_cli_bench_prints_table_and_writes_json(tmp_path, capsys):

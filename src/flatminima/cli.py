@@ -152,6 +152,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             optimizer_info(name)
         except KeyError as exc:
             raise _UsageError(f"--optimizers: {exc.args[0]} (see `flatminima list`)") from None
+    canonical = [optimizer_info(n).name for n in args.optimizers]
+    repeated = sorted({n for n in canonical if canonical.count(n) > 1})
+    if repeated:
+        raise _UsageError(f"--optimizers: each name once, got {', '.join(repeated)} more than once")
 
     t0 = time.perf_counter()
     results = run_quick(

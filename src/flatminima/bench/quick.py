@@ -1,13 +1,18 @@
-"""The quick benchmark: a small MLP on digits with SGD, SAM, ASAM and Monge-SAM.
+"""The quick benchmark: a small MLP on digits with SGD, SAM, ASAM, Monge-SAM or ESAM.
 
 :func:`run_quick` trains one model per (optimizer, seed) with the same data, model, batches and
 hyperparameters and records test / validation accuracy, the final training loss and the time per
 optimizer step; :func:`format_table` turns the records into a Markdown table (mean ± std over
-seeds). ``flatminima bench`` prints that table.
+seeds). ``flatminima bench`` prints that table. An optimizer is given by its registry name or as a
+labelled variant ``(label, registry_name, kwargs)``, so one name can run with several settings.
 
-The training loop is generic: it reads ``needs_closure`` from the registry and either calls
-``opt.step(closure)`` (SAM family: the closure runs twice per step) or ``zero_grad(); closure();
-opt.step()`` as with any ``torch.optim`` optimizer. Every optimizer gets the same closure.
+The training loop is generic: it reads ``needs_closure`` and ``per_sample`` from the registry and
+either calls ``opt.step(closure)`` (SAM family: the closure runs twice per step) or ``zero_grad();
+closure(); opt.step()`` as with any ``torch.optim`` optimizer. Every optimizer gets the same
+standard closure (forward, backward, mean cross-entropy), except those whose step makes use of a
+per-sample closure (``per_sample``: ESAM, for its data selection): they get ``closure(select=None)``,
+which runs only the forward on the minibatch (or its rows ``select``) and returns the per-sample
+losses; the optimizer backpropagates their mean.
 """
 
 from __future__ import annotations
@@ -34,12 +39,52 @@ __all__ = [
     "summarize",
 ]
 
-DEFAULT_OPTIMIZERS: tuple[str, ...] = ("sgd", "sam_sgd", "asam_sgd", "msam_sgd")
+DEFAULT_OPTIMIZERS: tuple[str, ...] = ("sgd", "sam_sgd", "asam_sgd", "msam_sgd", "esam_sgd")
 DEFAULT_EPOCHS = 30
 #: Default radius per SAM-family rule (ASAM's radius lives in normalized coordinates).
-DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5, "msam": 0.05}
+DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5, "msam": 0.05, "esam": 0.05}
 #: Base optimizers that take a ``momentum`` argument.
 _MOMENTUM_BASES = frozenset({"sgd", "rmsprop"})
+
+
+#: An entry of ``run_quick(optimizers=...)``: a registry name, or ``(label, registry_name, kwargs)``.
+OptimizerSpec = str | tuple[str, str, Mapping[str, Any]]
+
+
+def _parse_specs(optimizers: Iterable[OptimizerSpec]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, canonical registry name, variant kwargs)`` per entry; a plain name is its own
+    label with no kwargs. ``KeyError`` for an unknown name, ``ValueError`` for a duplicate label or
+    a malformed entry, all before any training."""
+    specs: list[tuple[str, str, dict[str, Any]]] = []
+    for entry in optimizers:
+        if isinstance(entry, str):
+            name = optimizer_info(entry).name
+            specs.append((name, name, {}))
+            continue
+        ok = isinstance(entry, (tuple, list)) and len(entry) == 3
+        if ok:
+            label, name, kw = entry
+            ok = isinstance(label, str) and bool(label) and isinstance(name, str)
+            ok = ok and isinstance(kw, Mapping)
+        if not ok:
+            raise ValueError(
+                f"an optimizer entry is a registry name or a tuple (label, registry_name, kwargs), "
+                f"got {entry!r}"
+            )
+        specs.append((label, optimizer_info(name).name, dict(kw)))
+    labels = [label for label, _, _ in specs]
+    dupes = sorted({label for label in labels if labels.count(label) > 1})
+    if dupes:
+        raise ValueError(f"optimizer labels must be unique, got duplicates {dupes}")
+    return specs
+
+
+def _default_rho(family: str, perturbation: Any) -> float | None:
+    """:data:`DEFAULT_RHO` of a family; for ESAM, that of its ``perturbation`` rule (an ESAM
+    around ASAM defaults to ASAM's radius)."""
+    if family == "esam" and perturbation in ("asam", "monge", "msam"):
+        return DEFAULT_RHO.get("msam" if perturbation == "monge" else perturbation)
+    return DEFAULT_RHO.get(family)
 
 
 def _optimizer_kwargs(
@@ -50,24 +95,29 @@ def _optimizer_kwargs(
     weight_decay: float,
     rho: float | Mapping[str, float] | None,
     optimizer_kwargs: Mapping[str, Mapping[str, Any]] | None,
+    variant: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``create(name, ...)``: shared base options, the rule's ``rho``, then
-    the per-name overrides."""
+    """Keyword arguments for ``create(name, ...)``: shared base options, the rule's ``rho``, the
+    per-name overrides, then those of a labelled variant."""
     info = optimizer_info(name)
+    extra: dict[str, Any] = {}
+    if optimizer_kwargs and info.name in optimizer_kwargs:
+        extra.update(optimizer_kwargs[info.name])
+    extra.update(variant or {})
     kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if info.base in _MOMENTUM_BASES:
         kwargs["momentum"] = momentum
     if info.family != "base":
+        default = _default_rho(info.family, extra.get("perturbation"))
         if isinstance(rho, Mapping):
-            r = rho.get(info.name, rho.get(info.family, DEFAULT_RHO.get(info.family)))
+            r = rho.get(info.name, rho.get(info.family, default))
         elif rho is not None:
             r = rho
         else:
-            r = DEFAULT_RHO.get(info.family)
+            r = default
         if r is not None:
             kwargs["rho"] = float(r)
-    if optimizer_kwargs and info.name in optimizer_kwargs:
-        kwargs.update(optimizer_kwargs[info.name])
+    kwargs.update(extra)
     return kwargs
 
 
@@ -88,6 +138,7 @@ def _train_one(
     batch_size: int,
     opt_kwargs: dict[str, Any],
     model_kwargs: Mapping[str, Any],
+    label: str | None = None,
 ) -> dict[str, Any]:
     info = optimizer_info(name)
     with torch.random.fork_rng(devices=[]):
@@ -105,6 +156,13 @@ def _train_one(
             loss.backward()
             return loss
 
+        def sample_closure(select: Tensor | None = None) -> Tensor:
+            # Forward only; the optimizer backpropagates the mean (and zeroes the gradients).
+            x, y = (xb, yb) if select is None else (xb[select], yb[select])
+            return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+        step_closure: Callable[..., Tensor] = sample_closure if info.per_sample else closure
+
         model.train()
         step_ns: list[int] = []
         epoch_losses: list[float] = []
@@ -117,7 +175,7 @@ def _train_one(
                 xb, yb = data.x_train[idx], data.y_train[idx]
                 t0 = time.perf_counter_ns()
                 if info.needs_closure:
-                    loss = opt.step(closure)
+                    loss = opt.step(step_closure)
                 else:
                     opt.zero_grad(set_to_none=True)
                     loss = closure()
@@ -130,7 +188,8 @@ def _train_one(
         train_s = time.perf_counter() - t_run
         stats = dict(getattr(opt, "stats", {}) or {})
         record: dict[str, Any] = {
-            "optimizer": info.name,
+            "optimizer": info.name if label is None else label,
+            "registry_name": info.name,
             "seed": int(seed),
             "test_acc": _accuracy(model, data.x_test, data.y_test),
             "val_acc": _accuracy(model, data.x_val, data.y_val),
@@ -151,7 +210,7 @@ def _train_one(
 
 
 def run_quick(
-    optimizers: Iterable[str] = DEFAULT_OPTIMIZERS,
+    optimizers: Iterable[OptimizerSpec] = DEFAULT_OPTIMIZERS,
     epochs: int = DEFAULT_EPOCHS,
     seeds: Sequence[int] = (0, 1),
     batch_size: int = 64,
@@ -177,17 +236,24 @@ def run_quick(
     identical from run to run (timings aside).
 
     Args:
-        optimizers: registry names (``flatminima.list_optimizers()``); checked before training.
+        optimizers: each a registry name (``flatminima.list_optimizers()``) or a labelled variant
+            ``(label, registry_name, kwargs)``, e.g. ``("esam_swp", "esam_sgd", {"gamma": 1.0})``:
+            its records carry ``label`` as ``optimizer`` and ``kwargs`` are applied last, so the
+            same name can appear with different options. A plain name is its own label. Names,
+            entries and the uniqueness of labels are checked before training (``KeyError`` for an
+            unknown name, ``ValueError`` for a duplicate label or a malformed entry).
         epochs: passes over the training set (minibatches of ``batch_size``, last one smaller).
         seeds: one run per seed and optimizer.
         lr, momentum, weight_decay: base-optimizer options shared by every run (``momentum`` only
             goes to bases that take it: SGD, RMSprop).
         label_noise: fraction of training labels flipped to another class.
         progress: ``True`` prints one line per run to stderr; a callable receives the line instead.
-        rho: SAM-family radius: one number for every rule, or a mapping from a name (``"sam_sgd"``)
-            or rule (``"asam"``) to a number; missing ones use :data:`DEFAULT_RHO`
-            (SAM 0.05, ASAM 0.5, Monge-SAM 0.05).
-        optimizer_kwargs: extra ``create`` options per optimizer name, applied last.
+        rho: SAM-family radius: one number for every rule, or a mapping from a registry name
+            (``"sam_sgd"``) or family (``"asam"``, ``"esam"``) to a number; missing ones use
+            :data:`DEFAULT_RHO` (SAM 0.05, ASAM 0.5, Monge-SAM 0.05, ESAM 0.05; an ESAM whose
+            ``perturbation`` is ``"asam"`` or ``"monge"`` defaults to that rule's radius).
+        optimizer_kwargs: extra ``create`` options per registry name (for every entry with that
+            name), applied after ``rho`` and before a variant's own kwargs.
         model_kwargs: options of :func:`~flatminima.bench.tasks.digits.make_mlp`
             (``hidden``, ``batch_norm``, ``dropout``).
         threads: ``torch.set_num_threads`` during the runs (restored afterwards); ``None`` keeps
@@ -197,17 +263,17 @@ def run_quick(
 
     Records come in run order: for each seed, every optimizer in turn (interleaved so that load
     from other processes on a shared machine spoils every optimizer's timing alike). Each record
-    holds ``optimizer``, ``seed``, ``test_acc``, ``val_acc``, ``train_acc`` (on the labels trained
-    on), ``train_acc_clean``, ``final_train_loss`` (mean over the last epoch of the loss at ``w``
-    returned by the step, weighted by batch size), ``ms_per_step`` (mean wall time of the step call
-    including its forward/backward passes) and ``ms_per_step_median``, ``steps``, ``epochs``,
-    ``passes``, ``train_seconds``, ``train_loss_curve`` (per epoch), ``hparams``, ``last_stats``
-    (the optimizer's ``stats`` after the last step, empty for base optimizers), ``label_noise``,
-    ``batch_size``, ``data_seed`` and ``threads``. Nothing is selected on the validation set; its
-    accuracy is only reported.
+    holds ``optimizer`` (the label), ``registry_name``, ``seed``, ``test_acc``, ``val_acc``,
+    ``train_acc`` (on the labels trained on), ``train_acc_clean``, ``final_train_loss`` (mean over
+    the last epoch of the loss at ``w`` returned by the step, weighted by batch size),
+    ``ms_per_step`` (mean wall time of the step call including its forward/backward passes) and
+    ``ms_per_step_median``, ``steps``, ``epochs``, ``passes``, ``train_seconds``,
+    ``train_loss_curve`` (per epoch), ``hparams``, ``last_stats`` (the optimizer's ``stats`` after
+    the last step, empty for base optimizers), ``label_noise``, ``batch_size``, ``data_seed`` and
+    ``threads``. Nothing is selected on the validation set; its accuracy is only reported.
     """
-    names = [optimizer_info(n).name for n in optimizers]  # KeyError for unknown names, up front
-    if not names:
+    specs = _parse_specs(optimizers)  # unknown names and duplicate labels fail up front
+    if not specs:
         raise ValueError("no optimizers given")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -216,11 +282,11 @@ def run_quick(
         raise ValueError("no seeds given")
     data = make_digits(data_seed, label_noise=label_noise, max_train=max_train)
     kwargs = {
-        n: _optimizer_kwargs(
-            n, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho,
-            optimizer_kwargs=optimizer_kwargs,
+        label: _optimizer_kwargs(
+            name, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho,
+            optimizer_kwargs=optimizer_kwargs, variant=variant,
         )
-        for n in names
+        for label, name, variant in specs
     }
     report: Callable[[str], None] | None
     if callable(progress):
@@ -234,17 +300,17 @@ def run_quick(
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
     results: list[dict[str, Any]] = []
-    total = len(names) * len(seeds)
+    total = len(specs) * len(seeds)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         # Seed-major order: a burst of load from other processes hits every optimizer alike.
         for seed in seeds:
-            for name in names:
+            for label, name, _ in specs:
                 rec = _train_one(
                     name, seed, data, epochs=epochs, batch_size=batch_size,
-                    opt_kwargs=kwargs[name], model_kwargs=dict(model_kwargs or {}),
+                    opt_kwargs=kwargs[label], model_kwargs=dict(model_kwargs or {}), label=label,
                 )
                 rec["label_noise"] = float(label_noise)
                 rec["batch_size"] = int(batch_size)
@@ -253,7 +319,7 @@ def run_quick(
                 results.append(rec)
                 if report is not None:
                     report(
-                        f"[{len(results)}/{total}] {name:<10} seed={seed}: "
+                        f"[{len(results)}/{total}] {label:<10} seed={seed}: "
                         f"test {100 * rec['test_acc']:.2f}%  val {100 * rec['val_acc']:.2f}%  "
                         f"loss {rec['final_train_loss']:.4f}  {rec['ms_per_step']:.3f} ms/step  "
                         f"({rec['train_seconds']:.1f} s)"

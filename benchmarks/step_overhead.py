@@ -65,11 +65,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
-import os
-import platform
-import random
 import statistics
 import sys
 import time
@@ -78,6 +73,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _timing import (
+    NOISY_SPREAD,
+    Runner,
+    Timings,
+    Workload,
+    bare_sgd_runner,
+    bench_parser,
+    finish,
+    flat,
+    interleave,
+    machine_meta,
+    make_cnn,
+    make_mlp,
+    ms,
+    noise_note,
+    opt_side_runner,
+    quantile,
+    random_batch,
+    random_grad_pair,
+    random_grads,
+    ratios,
+    sam_step_runner,
+    sgd_step_runner,
+    table,
+)
 from torch import Tensor, nn
 
 import flatminima
@@ -92,14 +112,10 @@ LR = 0.01
 MOMENTUM = 0.9
 
 WARMUP_CAP_S = 0.5  # seconds of warm-up per configuration at most
-NOISY_SPREAD = 1.25  # p75 / median above this for any config prints a noise warning
 TARGET_FOREACH_SPEEDUP = 1.3  # per-tensor / foreach, SAM-side work on the MLP
 TARGET_CNN_SAM_RATIO = 2.05  # SAM (foreach) / SGD, full steps on the CNN
 
 FLOOR = "SGD, 2 fwd/bwd (floor)"
-
-Timings = dict[str, float]
-Runner = Callable[[], Timings]
 
 
 # --------------------------------------------------------------------------------------- settings
@@ -135,59 +151,16 @@ class Settings:
 
 
 # ----------------------------------------------------------------------------------------- models
-def make_mlp() -> nn.Module:
-    """48 Linear layers (47 of 64x64 and a 64x10 head) with ReLU, He-initialized, zero biases."""
-    layers: list[nn.Module] = []
-    for _ in range(MLP_LAYERS - 1):
-        layers += [nn.Linear(MLP_WIDTH, MLP_WIDTH), nn.ReLU()]
-    layers.append(nn.Linear(MLP_WIDTH, CLASSES))
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return nn.Sequential(*layers)
-
-
-def make_cnn() -> nn.Module:
-    """Conv 16/32/64 (3x3) with BatchNorm2d + ReLU + pooling, then a linear head (3x32x32 in)."""
-
-    def block(c_in: int, c_out: int, pool: nn.Module) -> list[nn.Module]:
-        return [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(),
-            pool,
-        ]
-
-    return nn.Sequential(
-        *block(3, 16, nn.MaxPool2d(2)),
-        *block(16, 32, nn.MaxPool2d(2)),
-        *block(32, 64, nn.AdaptiveAvgPool2d(1)),
-        nn.Flatten(),
-        nn.Linear(64, CLASSES),
-    )
-
-
-@dataclass
-class Workload:
-    """A model with its fixed random minibatch."""
-
-    name: str
-    model: nn.Module
-    x: Tensor
-    y: Tensor
-
-
 def make_workloads() -> list[Workload]:
+    """The MLP (48 Linear layers: 47 of 64x64 and a 64x10 head, with ReLU) and the CNN (conv
+    16/32/64 with BatchNorm2d), each with its fixed random minibatch."""
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
-    mlp = make_mlp()
-    x_mlp = torch.randn(BATCH, MLP_WIDTH, generator=gen)
-    y_mlp = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    mlp = make_mlp(MLP_LAYERS, MLP_WIDTH, CLASSES)
+    x_mlp, y_mlp = random_batch(gen, BATCH, (MLP_WIDTH,), CLASSES)
     torch.manual_seed(SEED)
-    cnn = make_cnn()
-    x_cnn = torch.randn(BATCH, 3, 32, 32, generator=gen)
-    y_cnn = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    cnn = make_cnn(CLASSES)
+    x_cnn, y_cnn = random_batch(gen, BATCH, (3, 32, 32), CLASSES)
     n_mlp = sum(1 for _ in mlp.parameters())
     n_cnn = sum(1 for _ in cnn.parameters())
     return [
@@ -196,107 +169,13 @@ def make_workloads() -> list[Workload]:
     ]
 
 
-# ---------------------------------------------------------------------------------------- harness
-def interleave(
-    runners: dict[str, Runner],
-    *,
-    warmup: int,
-    rounds: int,
-    per_round: int,
-    budget_s: float,
-    min_rounds: int,
-) -> dict[str, list[list[Timings]]]:
-    """Run every runner ``warmup`` times, then up to ``rounds`` rounds of ``per_round`` calls each,
-    in a fresh random order every round (seeded), so that neither slow drifts of the machine nor
-    the configuration that ran just before (caches, allocator state) favour one of them.
-
-    Stops early once the rounds have taken ``budget_s`` seconds (after at least ``min_rounds``
-    rounds; after 2 rounds once they have taken 1.5x the budget), so that a loaded machine does
-    not make the run endless. Warm-up stops for a runner after ``WARMUP_CAP_S`` seconds (at least
-    one call). Returns, per runner, the timings of each round."""
-    names = list(runners)
-    for name in names:
-        t0 = time.perf_counter()
-        for _ in range(max(warmup, 1)):
-            runners[name]()
-            if time.perf_counter() - t0 > WARMUP_CAP_S:
-                break
-    out: dict[str, list[list[Timings]]] = {n: [] for n in names}
-    order_rng = random.Random(SEED)
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    start = time.perf_counter()
-    try:
-        for r in range(rounds):
-            for name in order_rng.sample(names, len(names)):
-                out[name].append([runners[name]() for _ in range(per_round)])
-            elapsed = time.perf_counter() - start
-            if (r + 1 >= min_rounds and elapsed > budget_s) or (
-                r + 1 >= 2 and elapsed > 1.5 * budget_s
-            ):
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return out
-
-
-def flat(samples: list[list[Timings]], key: str) -> list[float]:
-    return [t[key] for rnd in samples for t in rnd]
-
-
-def per_round_median(samples: list[list[Timings]], key: str) -> list[float]:
-    return [statistics.median(t[key] for t in rnd) for rnd in samples]
-
-
-def quantile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1e3
-
-
 # ------------------------------------------------------------------------------------- full steps
-def loss_fn(out: Tensor, y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(out, y)
-
-
 def sgd_runner(w: Workload, passes: int) -> Runner:
-    model = copy.deepcopy(w.model).train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def run() -> Timings:
-        t0 = time.perf_counter()
-        for _ in range(passes):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(w.x), w.y).backward()
-        opt.step()
-        return {"step": time.perf_counter() - t0}
-
-    return run
+    return sgd_step_runner(w, lr=LR, momentum=MOMENTUM, passes=passes)
 
 
 def sam_runner(w: Workload, cls: type[flatminima.SharpnessAwareOptimizer], **kw: Any) -> Runner:
-    model = copy.deepcopy(w.model).train()
-    opt = cls(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, **kw)
-
-    def closure() -> Tensor:
-        loss = loss_fn(model(w.x), w.y)
-        loss.backward()
-        return loss
-
-    def run() -> Timings:
-        t0 = time.perf_counter()
-        opt.step(closure)
-        return {"step": time.perf_counter() - t0}
-
-    return run
+    return sam_step_runner(w, cls, lr=LR, momentum=MOMENTUM, **kw)
 
 
 def full_step_configs(w: Workload) -> dict[str, Runner]:
@@ -319,25 +198,20 @@ def bench_full_steps(w: Workload, s: Settings) -> dict[str, dict[str, float]]:
     budget = s.budget_full_cnn if w.name.startswith("CNN") else s.budget_full_mlp
     samples = interleave(
         full_step_configs(w), warmup=s.warmup, rounds=s.rounds, per_round=s.steps_per_round,
-        budget_s=budget, min_rounds=s.min_rounds,
+        budget_s=budget, min_rounds=s.min_rounds, warmup_cap_s=WARMUP_CAP_S,
     )
-    sgd_all = flat(samples["SGD"], "step")
-    sgd_med = statistics.median(sgd_all)
-    sgd_rounds = per_round_median(samples["SGD"], "step")
     floor_med = statistics.median(flat(samples[FLOOR], "step"))
     res: dict[str, dict[str, float]] = {}
     for name, smp in samples.items():
         xs = flat(smp, "step")
-        rounds = per_round_median(smp, "step")
+        ratio, paired = ratios(smp, samples["SGD"], "step")
         res[name] = {
             "median_ms": ms(statistics.median(xs)),
             "p25_ms": ms(quantile(xs, 0.25)),
             "p75_ms": ms(quantile(xs, 0.75)),
-            "ratio_to_sgd": statistics.median(xs) / sgd_med,
+            "ratio_to_sgd": ratio,
             "above_floor_ms": ms(statistics.median(xs) - floor_med),
-            "paired_ratio_to_sgd": statistics.median(
-                a / b for a, b in zip(rounds, sgd_rounds, strict=True)
-            ),
+            "paired_ratio_to_sgd": paired,
             "rounds": float(len(smp)),
             "samples": float(len(xs)),
         }
@@ -345,53 +219,14 @@ def bench_full_steps(w: Workload, s: Settings) -> dict[str, dict[str, float]]:
 
 
 # ---------------------------------------------------------------------------- optimizer-side work
-def random_grads(params: Sequence[Tensor], gen: torch.Generator) -> list[Tensor]:
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-
-
-def clone_params(model: nn.Module) -> list[nn.Parameter]:
-    return [nn.Parameter(p.detach().clone()) for p in model.parameters()]
-
-
 def sam_side_runner(
     w: Workload, cls: type[flatminima.SharpnessAwareOptimizer], g1: list[Tensor],
     g2: list[Tensor], **kw: Any,
 ) -> Runner:
-    params = clone_params(w.model)
-    opt = cls(params, torch.optim.SGD, lr=LR, momentum=MOMENTUM, **kw)
-    # second_step adds g_adv into the first-pass gradient (for cos), so work on a scratch copy.
-    g1_work = [g.clone() for g in g1]
-
-    def run() -> Timings:
-        for g, src in zip(g1_work, g1, strict=True):
-            g.copy_(src)
-        for p, g in zip(params, g1_work, strict=True):
-            p.grad = g
-        t0 = time.perf_counter()
-        opt.first_step()
-        t1 = time.perf_counter()
-        for p, g in zip(params, g2, strict=True):
-            p.grad = g
-        t2 = time.perf_counter()
-        opt.second_step()
-        t3 = time.perf_counter()
-        return {"first": t1 - t0, "second": t3 - t2, "total": (t1 - t0) + (t3 - t2)}
-
-    return run
-
-
-def bare_sgd_runner(w: Workload, g2: list[Tensor]) -> Runner:
-    params = clone_params(w.model)
-    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-    for p, g in zip(params, g2, strict=True):
-        p.grad = g
-
-    def run() -> Timings:
-        t0 = time.perf_counter()
-        opt.step()
-        return {"total": time.perf_counter() - t0}
-
-    return run
+    """``first_step`` and ``second_step`` timed alone (gradients set outside the timings)."""
+    return opt_side_runner(
+        w, cls, g1, g2, lr=LR, momentum=MOMENTUM, time_grad_setup=False, **kw
+    )
 
 
 OPT_SIDE_RULES: list[tuple[str, type[flatminima.SharpnessAwareOptimizer], dict[str, Any]]] = [
@@ -402,17 +237,14 @@ OPT_SIDE_RULES: list[tuple[str, type[flatminima.SharpnessAwareOptimizer], dict[s
 
 
 def bench_optimizer_side(w: Workload, s: Settings) -> dict[str, dict[str, float]]:
-    gen = torch.Generator().manual_seed(SEED + 1)
-    params = list(w.model.parameters())
-    g1 = random_grads(params, gen)
-    g2 = random_grads(params, gen)
-    runners: dict[str, Runner] = {"SGD step": bare_sgd_runner(w, g2)}
+    g1, g2 = random_grad_pair(w.model, SEED + 1)
+    runners: dict[str, Runner] = {"SGD step": bare_sgd_runner(w, g2, lr=LR, momentum=MOMENTUM)}
     for rule, cls, kw in OPT_SIDE_RULES:
         runners[f"{rule} (foreach)"] = sam_side_runner(w, cls, g1, g2, foreach=True, **kw)
         runners[f"{rule} (per-tensor)"] = sam_side_runner(w, cls, g1, g2, foreach=False, **kw)
     samples = interleave(
         runners, warmup=s.warmup, rounds=s.rounds, per_round=s.opt_iters_per_round,
-        budget_s=s.budget_opt, min_rounds=s.min_rounds,
+        budget_s=s.budget_opt, min_rounds=s.min_rounds, warmup_cap_s=WARMUP_CAP_S,
     )
     sgd = statistics.median(flat(samples["SGD step"], "total"))
     res: dict[str, dict[str, float]] = {"SGD step": {"total_ms": ms(sgd)}}
@@ -497,7 +329,7 @@ def bench_breakdown(w: Workload, s: Settings) -> dict[str, dict[str, float]]:
             runners[f"{op}|{path}"] = run
     samples = interleave(
         runners, warmup=s.warmup, rounds=s.rounds, per_round=s.micro_reps, budget_s=s.budget_micro,
-        min_rounds=s.min_rounds,
+        min_rounds=s.min_rounds, warmup_cap_s=WARMUP_CAP_S,
     )
     res: dict[str, dict[str, float]] = {}
     for op, count in counts.items():
@@ -548,6 +380,7 @@ def bench_guard_hook(w: Workload, s: Settings) -> dict[str, float] | None:
     samples = interleave(
         {"plain": plain, "guarded": guarded}, warmup=s.warmup, rounds=s.rounds,
         per_round=s.micro_reps, budget_s=s.budget_hook, min_rounds=s.min_rounds,
+        warmup_cap_s=WARMUP_CAP_S,
     )
     p = statistics.median(flat(samples["plain"], "t"))
     g = statistics.median(flat(samples["guarded"], "t"))
@@ -561,35 +394,6 @@ def bench_guard_hook(w: Workload, s: Settings) -> dict[str, float] | None:
 
 
 # ------------------------------------------------------------------------------------------ output
-def cpu_name() -> str:
-    name = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return name or platform.machine()
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    aligns = ["<"] + [">"] * (len(header) - 1)
-
-    def fmt(cells: Sequence[str]) -> str:
-        padded = [f"{c:{a}{wd}}" for c, a, wd in zip(cells, aligns, widths, strict=True)]
-        return "| " + " | ".join(padded) + " |"
-
-    rules = [
-        "-" * (wd + 1) + ":" if a == ">" else ":" + "-" * (wd + 1)
-        for a, wd in zip(aligns, widths, strict=True)
-    ]
-    sep = "|" + "|".join(rules) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(r) for r in rows)])
-
-
 def full_spread(res: dict[str, dict[str, float]]) -> float:
     """The largest p75 / median over the configurations of a full-step table."""
     return max(r["p75_ms"] / r["median_ms"] for r in res.values())
@@ -617,13 +421,9 @@ def print_full(name: str, res: dict[str, dict[str, float]]) -> None:
         "above floor (ms)",
     ]
     print(table(hdr, rows))
-    spread = full_spread(res)
-    if spread > NOISY_SPREAD:
-        print(
-            f"\nNOTE: noisy machine (a p75 is {spread:.1f}x its median): other processes are "
-            "competing for the cores; the ratios carry several percent of noise. A quiet machine "
-            "or --threads 1 gives steadier numbers."
-        )
+    noise_note(
+        full_spread(res), digits=1, advice="A quiet machine or --threads 1 gives steadier numbers."
+    )
 
 
 def print_opt_side(name: str, res: dict[str, dict[str, float]]) -> None:
@@ -664,10 +464,10 @@ def print_breakdown(name: str, res: dict[str, dict[str, float]]) -> None:
 
 # -------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run, under ~30 s)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
-    ap.add_argument("--json", metavar="PATH", default=None, help="also write the numbers as JSON")
+    ap = bench_parser(
+        __doc__.splitlines()[0], quick_help="fewer rounds (smoke run, under ~30 s)",
+        threads_default=None, threads_help="torch.set_num_threads(N)",
+    )
     return ap.parse_args(argv)
 
 
@@ -677,17 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     s = Settings.make(args.quick)
     t_start = time.perf_counter()
-    meta = {
-        "torch": torch.__version__,
-        "flatminima": flatminima.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "processor": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "quick": args.quick,
-        "settings": s.__dict__,
-    }
+    meta = machine_meta(args.quick, s.__dict__)
     print(
         f"# SAM step overhead | torch {meta['torch']} | threads {meta['threads']} | "
         f"{meta['processor']} | os.cpu_count() = {meta['cpu_count']} | "
@@ -780,22 +570,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(ratio of medians {cnn_ratio:.3f}, paired {cnn_paired:.3f}; "
         f"floor with 2 fwd/bwd + 1 step {cnn_floor:.3f}){caveat(cnn_noise)}"
     )
-    elapsed = time.perf_counter() - t_start
-    print(f"\n(total benchmark time {elapsed:.1f} s)")
-
-    if args.json:
-        payload = {
-            "meta": meta,
-            "full_step": full,
-            "optimizer_side": opt_side,
-            "breakdown_mlp": breakdown,
-            "bn_guard_hook": hooks,
-            "targets": targets,
-            "elapsed_s": elapsed,
-        }
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, default=str)
-        print(f"wrote {args.json}")
+    payload = {
+        "meta": meta,
+        "full_step": full,
+        "optimizer_side": opt_side,
+        "breakdown_mlp": breakdown,
+        "bn_guard_hook": hooks,
+        "targets": targets,
+    }
+    finish(t_start, args.json, payload)
     return 0
 
 

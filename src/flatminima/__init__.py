@@ -10,6 +10,7 @@ Quick use::
 from .optim import (
     ASAM,
     ESAM,
+    LETS,
     MSAM,
     SAM,
     MongeSAM,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ASAM",
     "ESAM",
+    "LETS",
     "MSAM",
     "SAM",
     "MongeSAM",

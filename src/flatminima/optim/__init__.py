@@ -2,6 +2,7 @@
 
 from .engine import SharpnessAwareOptimizer, accepts_select
 from .esam import ESAM, num_selected, select_top
+from .lets import LETS
 from .perturbations import asam_perturbation, global_norm, monge_perturbation, sam_perturbation
 from .registry import OptimizerInfo, create, list_optimizers, optimizer_info, register_optimizer
 from .sam import ASAM, MSAM, RULES, SAM, MongeSAM, PerturbationRule
@@ -9,6 +10,7 @@ from .sam import ASAM, MSAM, RULES, SAM, MongeSAM, PerturbationRule
 __all__ = [
     "ASAM",
     "ESAM",
+    "LETS",
     "MSAM",
     "SAM",
     "MongeSAM",

@@ -226,6 +226,10 @@ class SharpnessAwareOptimizer(Optimizer):
     _rule_defaults: dict[str, Any] = {}
     #: The perturbation rule (set by subclasses; ``None`` means ``_perturbation`` is overridden).
     _rule: Any = None
+    #: An object told about each step's internals (``perturbed(params, e, groups)`` after the
+    #: move to ``w + e``, ``second_pass(params, g, g_adv)`` with both unscaled gradients before the
+    #: base step); :class:`~flatminima.optim.lets.LETS` uses it. ``None``: nobody listens.
+    _observer: Any = None
     #: Closure calls per step and whether ``step`` needs a closure (registry flags).
     passes: int = 2
     needs_closure: bool = True
@@ -446,6 +450,8 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             for p, ei in zip(params, e):
                 p.add_(ei)
+        if self._observer is not None:
+            self._observer.perturbed(params, e, groups)
         del e
         for p in params:  # the first-pass gradient is kept only for cos(g, g_adv)
             p.grad = None
@@ -499,6 +505,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if scaled:
             scaler.unscale_(self.base_optimizer)
         adv = [p.grad for p in pend.params]
+        if self._observer is not None:
+            self._observer.second_pass(pend.params, pend.grads, adv)
         present = [(g, a) for g, a in zip(pend.grads, adv) if a is not None]
         adv_norm = global_norm([a for _, a in present], foreach=self.foreach)
         probe = adv_norm if loss_t is None else adv_norm + loss_t.to(adv_norm.device)

@@ -238,3 +238,38 @@ def test_bad_pairings_are_refused_early():
     with pytest.raises(ValueError, match="per-sample closure"):
         lets.step(make_closure(model, x, y))
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+
+
+def _one_lets_step(per_sample, scaler):
+    model = tiny()
+    x, y, xv, yv = data()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.5)
+
+    def scaled(loss):
+        return scaler.scale(loss) if scaler is not None else loss
+
+    def closure(select=None):
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    def standard():
+        loss = F.cross_entropy(model(x), y)
+        scaled(loss).backward()
+        return loss
+
+    def val_closure():
+        loss = F.cross_entropy(model(xv), yv)
+        scaled(loss).backward()
+        return loss
+
+    lets = LETS(opt, val_closure, lr=0.1)
+    lets.step(closure if per_sample else standard, scaler=scaler)
+    return lets.stats["hypergrad"], lets.rho[0]
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "standard"])
+def test_grad_scaler_gives_the_unscaled_hypergradient(per_sample):
+    """A power-of-two loss scale is exact: the same hypergradient and rho with and without it."""
+    plain = _one_lets_step(per_sample, None)
+    scaled = _one_lets_step(per_sample, torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    assert scaled[0] == pytest.approx(plain[0], rel=1e-9)
+    assert scaled[1] == pytest.approx(plain[1], rel=1e-12)

@@ -238,14 +238,15 @@ class LETS:
     ) -> tuple[float, list[Tensor | None]]:
         """Loss and (unscaled) gradient of a closure at the current weights."""
         self.optimizer.zero_grad(set_to_none=True)
+        per_sample = accepts_select(closure)
         with torch.enable_grad():
-            if accepts_select(closure):
+            if per_sample:  # we run the backward ourselves, unscaled
                 loss_t = _sample_losses(closure(select=None), which).mean()
                 loss_t.backward()
             else:
                 loss_t = _loss_tensor(closure(), which)
         grads = [p.grad for p in params]
-        if scaler is not None and scaler.is_enabled():
+        if not per_sample and scaler is not None and scaler.is_enabled():  # closure scaled it
             inv = 1.0 / float(scaler.get_scale())
             grads = [None if g is None else g * inv for g in grads]
         return float(loss_t.detach()), grads

@@ -13,13 +13,16 @@ from .optim import (
     LETS,
     MSAM,
     SAM,
+    SWA,
     MongeSAM,
     OptimizerInfo,
     SharpnessAwareOptimizer,
+    WeightAveraging,
     create,
     list_optimizers,
     optimizer_info,
     register_optimizer,
+    update_bn,
 )
 
 __version__ = "0.1.0"
@@ -30,12 +33,15 @@ __all__ = [
     "LETS",
     "MSAM",
     "SAM",
+    "SWA",
     "MongeSAM",
     "OptimizerInfo",
     "SharpnessAwareOptimizer",
+    "WeightAveraging",
     "__version__",
     "create",
     "list_optimizers",
     "optimizer_info",
     "register_optimizer",
+    "update_bn",
 ]

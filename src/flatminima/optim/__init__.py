@@ -1,5 +1,6 @@
 """Flat-minima optimizers: the SAM family on one two-pass engine, and a by-name registry."""
 
+from .averaging import SWA, WeightAveraging, update_bn
 from .engine import SharpnessAwareOptimizer, accepts_select
 from .esam import ESAM, num_selected, select_top
 from .lets import LETS
@@ -13,11 +14,13 @@ __all__ = [
     "LETS",
     "MSAM",
     "SAM",
+    "SWA",
     "MongeSAM",
     "OptimizerInfo",
     "PerturbationRule",
     "RULES",
     "SharpnessAwareOptimizer",
+    "WeightAveraging",
     "accepts_select",
     "asam_perturbation",
     "create",
@@ -29,4 +32,5 @@ __all__ = [
     "register_optimizer",
     "sam_perturbation",
     "select_top",
+    "update_bn",
 ]

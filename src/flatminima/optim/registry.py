@@ -4,10 +4,16 @@ Names are ``<base>`` for a plain ``torch.optim`` optimizer (``sgd``, ``adamw``, 
 ``<rule>_<base>`` for a SAM-family wrapper around it (``sam_sgd``, ``asam_adamw``, ``msam_sgd``).
 Every entry carries capability flags (passes per step, whether ``step`` needs a closure) so a
 training loop can adapt to the optimizer it was handed.
+
+Every name ``N`` also has a twin ``N+swa`` (``sam_sgd+swa``, ``sgd+swa``, ...): ``N`` wrapped in
+:class:`~flatminima.optim.averaging.SWA`, which needs the model whose weights it averages:
+``create("sam_sgd+swa", model.parameters(), model=model, lr=0.1, rho=0.05, start=0.75,
+total_steps=n, every=steps_per_epoch)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .averaging import SWA
 from .esam import ESAM
 from .sam import ASAM, SAM, MongeSAM
 
@@ -36,6 +43,9 @@ class OptimizerInfo:
     #: whether ``step`` makes use of a per-sample closure ``closure(select=None)`` (ESAM's data
     #: selection); every SAM-family optimizer accepts one, base optimizers do not
     per_sample: bool = False
+    #: whether the optimizer is wrapped in :class:`~flatminima.optim.averaging.SWA` (the ``+swa``
+    #: names; their factory needs ``model=``)
+    averaging: bool = False
 
 
 _BASES: dict[str, type[Optimizer]] = {
@@ -58,11 +68,39 @@ _RULES: dict[str, tuple[type, str]] = {
 _REGISTRY: dict[str, OptimizerInfo] = {}
 
 
+#: The keyword arguments of ``create`` that go to :class:`SWA` for a ``+swa`` name.
+SWA_OPTIONS = frozenset(
+    {"start", "total_steps", "every", "ema_decay", "device", "swa_lr", "anneal_steps",
+     "anneal_strategy", "use_buffers"}
+)
+_SWA_SUFFIX = "+swa"
+
+
+def _swa_factory(name: str, inner: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
+    def factory(params: Iterable[Any], *, model: Any = None, **kwargs: Any) -> Optimizer:
+        if model is None:
+            raise TypeError(
+                f"{name!r} averages the weights of a model: pass it, "
+                f"create({name!r}, model.parameters(), model=model, ...)"
+            )
+        swa_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in SWA_OPTIONS}
+        return SWA(inner(params, **kwargs), model, **swa_kwargs)
+
+    return factory
+
+
 def register_optimizer(info: OptimizerInfo, *, overwrite: bool = False) -> None:
-    """Add a name to the registry (``ValueError`` if it exists and ``overwrite`` is false)."""
+    """Add a name to the registry (``ValueError`` if it exists and ``overwrite`` is false), and
+    with it its twin ``<name>+swa`` (the optimizer wrapped in :class:`SWA`)."""
     if info.name in _REGISTRY and not overwrite:
         raise ValueError(f"optimizer {info.name!r} is already registered")
     _REGISTRY[info.name] = info
+    if not info.averaging and not info.name.endswith(_SWA_SUFFIX):
+        twin = info.name + _SWA_SUFFIX
+        _REGISTRY[twin] = dataclasses.replace(
+            info, name=twin, factory=_swa_factory(twin, info.factory),
+            description=info.description + " + SWA", averaging=True,
+        )
 
 
 def _wrapper_factory(rule_cls: type, base_cls: type[Optimizer]) -> Callable[..., Optimizer]:
@@ -108,5 +146,7 @@ def create(name: str, params: Iterable[Any], **kwargs: Any) -> Optimizer:
     Wrapper options (``rho``, ``eta``, ``scope``, ``alpha``, ``beta``, ``gamma``, ``perturbation``,
     ``max_grad_norm``, ...) and base options
     (``lr``, ``momentum``, ``weight_decay``, ...) are given together as keyword arguments.
+    A ``+swa`` name also takes ``model=`` (required, ``TypeError`` without it) and the options of
+    :class:`SWA` (:data:`SWA_OPTIONS`: ``start``, ``total_steps``, ``every``, ``ema_decay``, ...).
     """
     return optimizer_info(name).factory(params, **kwargs)

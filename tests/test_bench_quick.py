@@ -188,6 +188,45 @@ def test_run_quick_sam_with_zero_rho_retraces_sgd():
         assert sgd[key] == sam0[key], key
 
 
+def test_run_quick_swa_trains_like_its_inner_optimizer_and_evaluates_the_hand_computed_average():
+    """sgd+swa: the same training trajectory as sgd; accuracy is that of the mean of the iterates
+    at the end of the epochs of the last quarter, rebuilt here by hand."""
+    epochs, bs = 8, 64
+    kw = {"epochs": epochs, "seeds": (0,), "max_train": 256, "batch_size": bs, "progress": False}
+    sgd, swa = run_quick(("sgd", "sgd+swa"), **kw)
+    assert sgd["train_loss_curve"] == swa["train_loss_curve"]
+    assert swa["hparams"]["every"] == 4 and swa["hparams"]["total_steps"] == 32
+    # Rebuild: train SGD by hand exactly as the loop does, snapshot after the epochs 7 and 8
+    # (start = floor(0.75 * 32) = 24: averages after steps 27 and 31, i.e. epoch ends).
+    data = make_digits(0, max_train=256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make_mlp(data.num_features, data.num_classes)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(0)
+        snaps = []
+        model.train()
+        for epoch in range(epochs):
+            order = torch.randperm(256, generator=gen)
+            for start in range(0, 256, bs):
+                idx = order[start : start + bs]
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+                opt.step()
+            if epoch >= 6:
+                snaps.append([p.detach().clone() for p in model.parameters()])
+        with torch.no_grad():
+            for p, a, b in zip(model.parameters(), *snaps):
+                p.copy_((a + b) / 2)
+        model.eval()
+        sets = {"test_acc": (data.x_test, data.y_test), "val_acc": (data.x_val, data.y_val),
+                "train_acc": (data.x_train, data.y_train)}
+        acc = {k: (model(x).argmax(1) == y).double().mean().item() for k, (x, y) in sets.items()}
+    for key, value in acc.items():
+        assert swa[key] == pytest.approx(value, abs=1e-12), key
+    assert any(swa[k] != sgd[k] for k in acc)  # the average is not the last iterate
+
+
 def test_run_quick_rejects_unknown_optimizer_before_training():
     with pytest.raises(KeyError, match="nope"):
         run_quick(("sgd", "nope"), **QUICK)

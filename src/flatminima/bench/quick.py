@@ -17,6 +17,7 @@ losses; the optimizer backpropagates their mean.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -39,7 +40,9 @@ __all__ = [
     "summarize",
 ]
 
-DEFAULT_OPTIMIZERS: tuple[str, ...] = ("sgd", "sam_sgd", "asam_sgd", "msam_sgd", "esam_sgd")
+DEFAULT_OPTIMIZERS: tuple[str, ...] = (
+    "sgd", "sam_sgd", "asam_sgd", "msam_sgd", "esam_sgd", "sgd+swa", "sam_sgd+swa"
+)
 DEFAULT_EPOCHS = 30
 #: Default radius per SAM-family rule (ASAM's radius lives in normalized coordinates).
 DEFAULT_RHO: dict[str, float] = {"sam": 0.05, "asam": 0.5, "msam": 0.05, "esam": 0.05}
@@ -144,10 +147,16 @@ def _train_one(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make_mlp(data.num_features, data.num_classes, **model_kwargs)
+        n = data.x_train.shape[0]
+        steps_per_epoch = math.ceil(n / batch_size)
+        if info.averaging:  # SWA / WASAM: average once per epoch over the last quarter by default
+            opt_kwargs = {
+                "total_steps": epochs * steps_per_epoch, "every": steps_per_epoch, **opt_kwargs,
+                "model": model,
+            }
         opt = create(name, model.parameters(), **opt_kwargs)
         loss_fn = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(seed)
-        n = data.x_train.shape[0]
         xb = yb = data.x_train[:0]
 
         def closure() -> Tensor:
@@ -187,14 +196,22 @@ def _train_one(
             epoch_losses.append(loss_sum / n)
         train_s = time.perf_counter() - t_run
         stats = dict(getattr(opt, "stats", {}) or {})
+        evaluate: Any = contextlib.nullcontext()
+        if info.averaging:  # evaluate the averaged weights, BatchNorm statistics recomputed
+            opt.update_bn(data.x_train[i : i + batch_size] for i in range(0, n, batch_size))
+            evaluate = opt.swapped()
+        with evaluate:
+            accuracies = {
+                "test_acc": _accuracy(model, data.x_test, data.y_test),
+                "val_acc": _accuracy(model, data.x_val, data.y_val),
+                "train_acc": _accuracy(model, data.x_train, data.y_train),
+                "train_acc_clean": _accuracy(model, data.x_train, data.y_train_clean),
+            }
         record: dict[str, Any] = {
             "optimizer": info.name if label is None else label,
             "registry_name": info.name,
             "seed": int(seed),
-            "test_acc": _accuracy(model, data.x_test, data.y_test),
-            "val_acc": _accuracy(model, data.x_val, data.y_val),
-            "train_acc": _accuracy(model, data.x_train, data.y_train),
-            "train_acc_clean": _accuracy(model, data.x_train, data.y_train_clean),
+            **accuracies,
             "final_train_loss": epoch_losses[-1] if epoch_losses else math.nan,
             "ms_per_step": sum(step_ns) / 1e6 / len(step_ns) if step_ns else math.nan,
             "ms_per_step_median": statistics.median(step_ns) / 1e6 if step_ns else math.nan,

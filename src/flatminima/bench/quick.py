@@ -32,6 +32,7 @@ from ..optim.registry import create, optimizer_info
 from .tasks.digits import make_digits, make_mlp
 
 __all__ = [
+    "accuracy",
     "DEFAULT_EPOCHS",
     "DEFAULT_OPTIMIZERS",
     "DEFAULT_RHO",
@@ -125,7 +126,8 @@ def _optimizer_kwargs(
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)`` in eval mode (the model is left in train mode)."""
     model.eval()
     acc = (model(x).argmax(dim=1) == y).double().mean().item()
     model.train()
@@ -202,10 +204,10 @@ def _train_one(
             evaluate = opt.swapped()
         with evaluate:
             accuracies = {
-                "test_acc": _accuracy(model, data.x_test, data.y_test),
-                "val_acc": _accuracy(model, data.x_val, data.y_val),
-                "train_acc": _accuracy(model, data.x_train, data.y_train),
-                "train_acc_clean": _accuracy(model, data.x_train, data.y_train_clean),
+                "test_acc": accuracy(model, data.x_test, data.y_test),
+                "val_acc": accuracy(model, data.x_val, data.y_val),
+                "train_acc": accuracy(model, data.x_train, data.y_train),
+                "train_acc_clean": accuracy(model, data.x_train, data.y_train_clean),
             }
         record: dict[str, Any] = {
             "optimizer": info.name if label is None else label,

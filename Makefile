@@ -34,3 +34,11 @@ bench-step: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+
+# PyHessian is the benchmark's reference only, not a dependency: installed into the venv here (--no-deps:
+# it needs only torch and numpy, already there); if that fails the script falls back to a re-implementation.
+# Extra flags: make bench-hessian HESSIAN_ARGS="--quick --json hessian.json"
+.PHONY: bench-hessian
+bench-hessian: $(STAMP)
+	-$(BIN)/python -m pip install -q --no-deps "pyhessian==0.1"
+	$(BIN)/python benchmarks/hessian.py $(HESSIAN_ARGS)

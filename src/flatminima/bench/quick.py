@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +147,8 @@ def _train_one(
     opt_kwargs: dict[str, Any],
     model_kwargs: Mapping[str, Any],
     label: str | None = None,
+    save_path: Path | None = None,
+    checkpoint_meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     info = optimizer_info(name)
     with torch.random.fork_rng(devices=[]):
@@ -209,6 +214,21 @@ def _train_one(
                 "train_acc": accuracy(model, data.x_train, data.y_train),
                 "train_acc_clean": accuracy(model, data.x_train, data.y_train_clean),
             }
+            if save_path is not None:  # the evaluated weights (averaged ones for SWA / WASAM)
+                torch.save(
+                    {
+                        "task": "digits",
+                        "model_kwargs": dict(model_kwargs),
+                        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                        "optimizer": info.name if label is None else label,
+                        "registry_name": info.name,
+                        "seed": int(seed),
+                        "epochs": int(epochs),
+                        **dict(checkpoint_meta or {}),
+                        "test_acc": accuracies["test_acc"],
+                    },
+                    save_path,
+                )
         record: dict[str, Any] = {
             "optimizer": info.name if label is None else label,
             "registry_name": info.name,
@@ -245,6 +265,7 @@ def run_quick(
     max_train: int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     threads: int | None = 1,
+    save_models: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the digits MLP once per (optimizer, seed) and return one record per run.
 
@@ -279,6 +300,14 @@ def run_quick(
             the current setting. The default 1 suits this tiny model: with several intra-op
             threads, a CPU shared with other processes makes steps 10-20x slower and the timings
             meaningless.
+        save_models: a folder (created if needed) where each run's final model is written with
+            ``torch.save`` as ``<label>-seed<seed>.pt`` (characters other than letters, digits and
+            ``._+-`` in the label become ``_``): a dict ``{"task": "digits", "model_kwargs",
+            "state_dict", "optimizer" (the label), "registry_name", "seed", "epochs", "data_seed",
+            "label_noise", "max_train", "test_acc"}``, the weights being those evaluated (the
+            averaged ones, BatchNorm statistics recomputed, for SWA / WASAM). ``flatminima
+            sharpness`` reads these files. ``None`` (default): nothing is written. Saving changes
+            no result.
 
     Records come in run order: for each seed, every optimizer in turn (interleaved so that load
     from other processes on a shared machine spoils every optimizer's timing alike). Each record
@@ -318,6 +347,13 @@ def run_quick(
 
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    save_dir = None if save_models is None else Path(save_models)
+    files = {label: re.sub(r"[^A-Za-z0-9._+-]", "_", label) for label, _, _ in specs}
+    if save_dir is not None:
+        if len(set(files.values())) < len(files):
+            raise ValueError(f"save_models: two labels give the same file name: {files}")
+        save_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"data_seed": int(data_seed), "label_noise": float(label_noise), "max_train": max_train}
     results: list[dict[str, Any]] = []
     total = len(specs) * len(seeds)
     old_threads = torch.get_num_threads()
@@ -327,9 +363,13 @@ def run_quick(
         # Seed-major order: a burst of load from other processes hits every optimizer alike.
         for seed in seeds:
             for label, name, _ in specs:
+                save_path = None
+                if save_dir is not None:
+                    save_path = save_dir / f"{files[label]}-seed{seed}.pt"
                 rec = _train_one(
                     name, seed, data, epochs=epochs, batch_size=batch_size,
                     opt_kwargs=kwargs[label], model_kwargs=dict(model_kwargs or {}), label=label,
+                    save_path=save_path, checkpoint_meta=meta,
                 )
                 rec["label_noise"] = float(label_noise)
                 rec["batch_size"] = int(batch_size)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -32,13 +33,19 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = [
+    "LossFn",
     "LossFunction",
     "NonDeterministicLossWarning",
     "ParamSelector",
+    "check_choice",
+    "check_int",
     "check_mode",
     "preserved",
     "select_parameters",
 ]
+
+#: The user's loss: ``loss_fn(model, batch) -> scalar tensor``.
+LossFn = Callable[[nn.Module, Any], Tensor]
 
 #: Which parameters to measure: ``None`` (all that require grad), a name prefix (``"layer3."``),
 #: a sequence of names or prefixes, or a predicate ``(name, parameter) -> bool``.
@@ -56,6 +63,20 @@ def check_mode(mode: str) -> str:
     if mode not in _MODES:
         raise ValueError(f"invalid mode: {mode!r} (must be 'eval' or 'train', chosen explicitly)")
     return mode
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Validate an integer ``value >= minimum`` (``ValueError`` naming it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"invalid {name}: {value!r} (must be an integer >= {minimum})")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Validate that ``value`` is one of ``choices`` (``ValueError`` naming it)."""
+    if value not in choices:
+        raise ValueError(f"invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+    return value
 
 
 def select_parameters(model: nn.Module, params: ParamSelector = None) -> list[tuple[str, nn.Parameter]]:

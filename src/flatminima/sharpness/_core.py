@@ -176,6 +176,9 @@ class LossFunction:
         self.device = chosen[0][1].device
         self.w0 = torch.cat([p.detach().reshape(-1) for _, p in chosen]).to(self.dtype).clone()
         self._bound = _Bound(model, loss_fn)
+        #: Buffer values used instead of the model's, by buffer name (e.g. interpolated BatchNorm
+        #: statistics); never written into the model. ``None``: the model's own buffers.
+        self.buffer_values: dict[str, Tensor] | None = None
         self.evaluations = 0  #: calls of loss_fn so far (for benchmarks)
 
     # ------------------------------------------------------------------ vectors
@@ -201,10 +204,13 @@ class LossFunction:
         tensors = {f"model.{k}": v for k, v in self.unflatten(w).items()}
         # Buffers as copies: BatchNorm in train mode updates these, never the model's.
         for name, buf in self.model.named_buffers():
-            tensors[f"model.{name}"] = buf.detach().clone()
+            value = self.buffer_values.get(name, buf) if self.buffer_values else buf
+            tensors[f"model.{name}"] = value.detach().clone()
         return tensors
 
-    def _call(self, w: Tensor, batch: Any) -> Tensor:
+    def evaluate(self, w: Tensor, batch: Any) -> Tensor:
+        """``loss_fn(model[w], batch)`` as a scalar tensor, differentiable in ``w`` (the building
+        block of every other evaluation; counts in :attr:`evaluations`)."""
         self.model.train(self.mode == "train")
         self.evaluations += 1
         out = functional_call(self._bound, self._tensors(w), (batch,), strict=False)
@@ -220,14 +226,14 @@ class LossFunction:
         """``L(w)`` (default ``w0``), mean over the batches."""
         w = self.w0 if w is None else w
         with torch.no_grad():
-            total = sum(float(self._call(w, b)) for b in self.batches)
+            total = sum(float(self.evaluate(w, b)) for b in self.batches)
         return total / len(self.batches)
 
     def batch_losses(self, w: Tensor | None = None) -> list[float]:
         """``loss_fn`` on each batch at ``w`` (for m-sharpness and diagnostics)."""
         w = self.w0 if w is None else w
         with torch.no_grad():
-            return [float(self._call(w, b)) for b in self.batches]
+            return [float(self.evaluate(w, b)) for b in self.batches]
 
     def grad(self, w: Tensor | None = None, batches: Sequence[Any] | None = None) -> tuple[float, Tensor]:
         """``(L(w), \\nabla L(w))`` as a float and a flat vector (mean over ``batches``, default all)."""
@@ -237,7 +243,7 @@ class LossFunction:
         for b in batches:
             wv = w.clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = self._call(wv, b)
+                loss = self.evaluate(wv, b)
                 (gb,) = torch.autograd.grad(loss, wv, allow_unused=True)
             total += float(loss.detach())
             if gb is not None:
@@ -253,7 +259,7 @@ class LossFunction:
         for b in self.batches:
             wv = w.clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = self._call(wv, b)
+                loss = self.evaluate(wv, b)
                 (g,) = torch.autograd.grad(loss, wv, create_graph=True)
                 (hv,) = torch.autograd.grad(g @ v, wv, allow_unused=True)
             if hv is not None:
@@ -265,7 +271,7 @@ class LossFunction:
         ``False`` when the losses differ by more than ``rtol``."""
         w = self.w0 if w is None else w
         with torch.no_grad():
-            a, b = float(self._call(w, self.batches[0])), float(self._call(w, self.batches[0]))
+            a, b = float(self.evaluate(w, self.batches[0])), float(self.evaluate(w, self.batches[0]))
         if math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)):
             return True
         warnings.warn(

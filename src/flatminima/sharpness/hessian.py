@@ -176,7 +176,7 @@ class _Operator:
         total: Tensor | None = None
         with torch.enable_grad():
             for b in self.lf.batches:
-                loss = self.lf._call(wv, b)
+                loss = self.lf.evaluate(wv, b)
                 (g,) = torch.autograd.grad(loss, wv, create_graph=True, allow_unused=True)
                 if g is not None:
                     total = g if total is None else total + g

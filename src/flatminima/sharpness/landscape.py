@@ -340,7 +340,7 @@ def interpolate(
 
     _check_same_structure(model_a, model_b, buffers=interpolate_buffers)
     with preserved(model_a, seed), preserved(model_b):
-        lf = _InterpolationLoss(model_a, loss_fn, batches, mode=mode, params=params, dtype=dtype)
+        lf = LossFunction(model_a, loss_fn, batches, mode=mode, params=params, dtype=dtype)
         pb = dict(model_b.named_parameters())
         w_a = lf.w0
         w_b = lf.flatten([pb[n].detach().to(lf.device) for n in lf.names])
@@ -542,14 +542,3 @@ def _check_same_structure(model_a: nn.Module, model_b: nn.Module, *, buffers: bo
             )
 
 
-class _InterpolationLoss(LossFunction):
-    """A :class:`LossFunction` whose buffers can be replaced by given values (interpolated
-    BatchNorm statistics) without writing them into the model."""
-
-    buffer_values: dict[str, Tensor] | None = None
-
-    def _tensors(self, w: Tensor) -> dict[str, Tensor]:
-        tensors = super()._tensors(w)
-        for name, value in (self.buffer_values or {}).items():
-            tensors[f"model.{name}"] = value.clone()
-        return tensors

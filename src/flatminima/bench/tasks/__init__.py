@@ -1,7 +1,8 @@
 """Benchmark tasks (data shipped inside packages or generated locally, no downloads) behind the
 :class:`~flatminima.bench.tasks.base.Task` interface; :data:`TASKS` maps names to task classes."""
 
-from . import alignment, text  # noqa: F401  (register "mfeat-clip", "rotten-tomatoes-boe", "bbc-news-boe")
+# Importing a task module registers its tasks in TASKS.
+from . import alignment, graph, text  # noqa: F401
 from .base import TASKS, ClassificationTask, Task, TaskHParams, TaskUnavailable, register_task
 from .digits import DigitsData, DigitsTask, load_digits, make_digits, make_mlp
 

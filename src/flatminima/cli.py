@@ -1,8 +1,16 @@
-"""Command line: ``flatminima bench`` (the quick digits benchmark), ``flatminima sharpness`` (sharpness
-of a model saved by ``flatminima bench --save-models``) and ``flatminima list``.
+"""Command line.
 
-Exit codes: 0 on success, 2 on bad arguments (unknown optimizer name, malformed list, missing or
-invalid checkpoint, ...).
+* ``flatminima bench``: the quick digits benchmark (one MLP, several optimizers, a table);
+* ``flatminima bench --suite quick|full``: the multi-task suite, run as a resumable sweep over a
+  SQLite store (runs already stored are not recomputed), then its summary table and win matrix;
+* ``flatminima report``: ``report.md`` and PNG plots from that store;
+* ``flatminima tasks``: the benchmark tasks and whether their data is available;
+* ``flatminima sharpness``: sharpness of a model saved by ``flatminima bench --save-models``;
+* ``flatminima list``: the optimizer registry.
+
+Exit codes: 0 on success, 1 when a suite run failed, 2 on bad arguments (unknown optimizer or task
+name, malformed list, options of the other ``bench`` mode, missing or invalid checkpoint or
+database, ...), 130 when a sweep is interrupted (its finished runs stay stored).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import json
 import math
 import os
 import platform
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,34 +71,74 @@ _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
+_DIGITS_LR = 0.05
+_DIGITS_BATCH_SIZE = 64
+#: ``bench`` options that only apply to the suite / only to the digits job: (attribute, flag).
+_SUITE_ONLY = (("tasks", "--tasks"), ("budget", "--budget"), ("size", "--size"), ("db", "--db"))
+_DIGITS_ONLY = (
+    ("epochs", "--epochs"), ("lr", "--lr"), ("batch_size", "--batch-size"),
+    ("save_models", "--save-models"),
+)
+
+
+def _budget(text: str) -> str:
+    """An argparse ``type=`` for ``--budget``: checked with :func:`parse_budget`, kept as text (a
+    ``quick`` / ``full`` budget depends on the task)."""
+    from .bench.runner import parse_budget
+
+    value = text.strip().lower()
+    if value in ("quick", "full"):
+        return value
+    try:
+        parse_budget(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``flatminima`` argument parser (subcommands ``bench``, ``sharpness`` and ``list``)."""
+    """The ``flatminima`` argument parser (subcommands ``bench``, ``report``, ``tasks``,
+    ``sharpness`` and ``list``)."""
     from .bench.quick import DEFAULT_EPOCHS, DEFAULT_OPTIMIZERS
 
     parser = argparse.ArgumentParser(
         prog="flatminima",
-        description="Flat-minima optimizers for PyTorch: benchmarks and the optimizer registry.",
+        description=(
+            "Flat-minima optimizers for PyTorch: benchmarks (the quick digits job and the "
+            "multi-task suite with its report), sharpness of saved models and the optimizer registry."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     bench = sub.add_parser(
         "bench",
-        help="train an MLP on the bundled digits data with several optimizers, print a table",
+        help="benchmark optimizers: the quick digits job, or the multi-task suite with --suite",
         description=(
-            "Train a 64-128-128-10 MLP on scikit-learn's digits (bundled; 60/20/20 stratified "
-            "split) once per optimizer and seed, then print a Markdown table of test and "
-            "validation accuracy, final training loss and time per optimizer step "
-            "(mean ± std over seeds). Progress lines go to stderr."
+            "Without --suite: train a 64-128-128-10 MLP on scikit-learn's digits (bundled; "
+            "60/20/20 stratified split) once per optimizer and seed, then print a Markdown table of "
+            "test and validation accuracy, final training loss and time per optimizer step "
+            "(mean ± std over seeds). "
+            "With --suite quick|full: run every task (see `flatminima tasks`; tasks whose data is "
+            "missing are reported and skipped) x optimizer x seed as a resumable sweep over a "
+            "SQLite database: each run is stored when it finishes, runs already stored are not "
+            "recomputed (rerun the same command to resume an interrupted sweep), a run that fails "
+            "is reported and skipped (exit code 1). Then print the summary table (test metric at "
+            "the validation-chosen epoch, mean ± std over seeds, time per step, peak memory) and "
+            "the win matrix; `flatminima report` writes them with plots. "
+            "Progress lines go to stderr."
         ),
+    )
+    suite_opts = bench.add_argument_group("suite (with --suite only)")
+    digits = bench.add_argument_group("digits job (without --suite only)")
+    bench.add_argument(
+        "--suite", choices=("quick", "full"), default=None,
+        help="run the multi-task suite; quick/full sets each task's data size and epoch budget "
+        "(default: the digits job)",
     )
     bench.add_argument(
         "--optimizers", type=_csv, default=list(DEFAULT_OPTIMIZERS), metavar="LIST",
         help="comma-separated registry names (default: %(default)s; see `flatminima list`)",
-    )
-    bench.add_argument(
-        "--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
-        help="epochs per run (default: %(default)s)",
     )
     bench.add_argument(
         "--seeds", type=_seeds, default=[0, 1], metavar="LIST",
@@ -97,27 +146,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--label-noise", type=_fraction, default=0.0, metavar="FRACTION",
-        help="fraction of training labels flipped to another class (default: 0)",
+        help="fraction of training labels flipped to another class (default: 0; the suite needs < 1)",
     )
     bench.add_argument(
-        "--lr", type=_positive_float, default=0.05, help="learning rate (default: %(default)s)"
+        "--threads", type=_positive_int, default=1,
+        help="torch intra-op threads during training (default: %(default)s)",
     )
-    bench.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="minibatch size (default: %(default)s)"
-    )
+    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.add_argument(
         "--json", type=Path, default=None, metavar="PATH",
         help="also write the configuration, every run and the summary to this JSON file",
     )
-    bench.add_argument(
-        "--threads", type=_positive_int, default=1,
-        help="torch intra-op threads during training (default: %(default)s; the model is tiny)",
+    suite_opts.add_argument(
+        "--tasks", type=_csv, default=None, metavar="LIST",
+        help="comma-separated task names (default: every task whose data is available; see "
+        "`flatminima tasks`)",
     )
-    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    bench.add_argument(
+    suite_opts.add_argument(
+        "--budget", type=_budget, default=None, metavar="B",
+        help="per run: epochs ('10'), training time ('30s', '5m', '1h'; stops at the first epoch "
+        "end past it), or 'quick' / 'full' epochs of each task (default: the suite's)",
+    )
+    suite_opts.add_argument(
+        "--size", choices=("tiny", "quick", "full"), default=None,
+        help="data size passed to the tasks (default: the suite's)",
+    )
+    suite_opts.add_argument(
+        "--db", type=Path, default=None, metavar="PATH",
+        help="SQLite database of finished runs (default: $FLATMINIMA_BENCH_DB or "
+        "./flatminima-bench.sqlite)",
+    )
+    digits.add_argument(
+        "--epochs", type=_positive_int, default=None,
+        help=f"epochs per run (default: {DEFAULT_EPOCHS})",
+    )
+    digits.add_argument(
+        "--lr", type=_positive_float, default=None, help=f"learning rate (default: {_DIGITS_LR})"
+    )
+    digits.add_argument(
+        "--batch-size", type=_positive_int, default=None,
+        help=f"minibatch size (default: {_DIGITS_BATCH_SIZE})",
+    )
+    digits.add_argument(
         "--save-models", type=Path, default=None, metavar="DIR",
         help="write each run's final model to DIR/<optimizer>-seed<seed>.pt "
         "(input of `flatminima sharpness`)",
+    )
+
+    report = sub.add_parser(
+        "report",
+        help="write report.md and plots from the suite's database",
+        description=(
+            "Read the finished runs of `flatminima bench --suite` from the database and write "
+            "DIR/report.md (summary table, win matrix, diverged runs, list of runs) and PNG plots "
+            "next to it (test metric vs training time per setting, vs rho where an optimizer ran "
+            "with several; needs matplotlib, else skipped with a note), then print the summary "
+            "table and the report's path."
+        ),
+    )
+    report.add_argument(
+        "--db", type=Path, default=None, metavar="PATH",
+        help="SQLite database of finished runs (default: $FLATMINIMA_BENCH_DB or "
+        "./flatminima-bench.sqlite)",
+    )
+    report.add_argument(
+        "--out", type=Path, default=Path("report"), metavar="DIR",
+        help="output folder (default: report/)",
+    )
+    report.add_argument(
+        "--tasks", type=_csv, default=None, metavar="LIST",
+        help="only the runs of these comma-separated tasks (default: all)",
+    )
+    report.add_argument("--no-plots", action="store_true", help="write report.md without plots")
+
+    sub.add_parser(
+        "tasks",
+        help="list the benchmark tasks and whether their data is available",
+        description=(
+            "List the registered benchmark tasks: name, domain, primary metric, epochs of the "
+            "quick and full suites, and 'available' or how to get the missing data."
+        ),
     )
 
     sharp = sub.add_parser(
@@ -184,23 +292,59 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+def _check_optimizers(names: Sequence[str]) -> list[str]:
+    """The canonical registry names of ``--optimizers``; :class:`_UsageError` for an empty list,
+    an unknown name or a name given twice."""
+    from . import optimizer_info
 
-    from . import __version__, optimizer_info
-    from .bench.quick import format_table, run_quick, summarize
-
-    if not args.optimizers:
+    if not names:
         raise _UsageError("--optimizers: no optimizer names given")
-    for name in args.optimizers:
+    for name in names:
         try:
             optimizer_info(name)
         except KeyError as exc:
             raise _UsageError(f"--optimizers: {exc.args[0]} (see `flatminima list`)") from None
-    canonical = [optimizer_info(n).name for n in args.optimizers]
+    canonical = [optimizer_info(n).name for n in names]
     repeated = sorted({n for n in canonical if canonical.count(n) > 1})
     if repeated:
         raise _UsageError(f"--optimizers: each name once, got {', '.join(repeated)} more than once")
+    return canonical
+
+
+def _given(args: argparse.Namespace, options: Sequence[tuple[str, str]]) -> list[str]:
+    """The flags among ``options`` that were given (their value is not ``None``)."""
+    return [flag for attr, flag in options if getattr(args, attr) is not None]
+
+
+def _availability(cls: Any) -> str | None:
+    """``cls.availability()``, an exception in it reported as the reason."""
+    try:
+        return cls.availability()
+    except Exception as exc:  # a broken check must not hide the other tasks
+        return f"availability check failed ({type(exc).__name__}: {exc})"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite is not None:
+        return _cmd_bench_suite(args)
+    import torch
+
+    from . import __version__
+    from .bench.quick import DEFAULT_EPOCHS, format_table, run_quick, summarize
+
+    wrong = _given(args, _SUITE_ONLY)
+    if wrong:
+        raise _UsageError(
+            f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to the multi-task "
+            "suite: add --suite quick or --suite full"
+        )
+    _check_optimizers(args.optimizers)
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS
+    if args.lr is None:
+        args.lr = _DIGITS_LR
+    if args.batch_size is None:
+        args.batch_size = _DIGITS_BATCH_SIZE
 
     t0 = time.perf_counter()
     results = run_quick(
@@ -243,6 +387,230 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
+
+
+def _suite_tasks(names: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The tasks of a suite that can run, and the unavailable ones with the reason: ``names``
+    (``None``: every registered task); :class:`_UsageError` for an unknown or repeated name."""
+    from .bench.tasks import TASKS
+
+    if names is None:
+        names = list(TASKS)
+    else:
+        if not names:
+            raise _UsageError("--tasks: no task names given")
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise _UsageError(
+                f"--tasks: unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                f" (registered: {', '.join(TASKS)}; see `flatminima tasks`)"
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise _UsageError(f"--tasks: each name once, got {', '.join(repeated)} more than once")
+    ready: list[str] = []
+    unavailable: dict[str, str] = {}
+    for name in names:
+        why = _availability(TASKS[name])
+        if why is None:
+            ready.append(name)
+        else:
+            unavailable[name] = why
+    return ready, unavailable
+
+
+def _cmd_bench_suite(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .bench.report import format_summary, summary_table, win_matrix
+    from .bench.runner import TextProgress, make_specs, run_sweep
+    from .bench.store import Store, default_db_path
+
+    wrong = _given(args, _DIGITS_ONLY)
+    if wrong:
+        raise _UsageError(
+            f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to the digits job "
+            "(without --suite); the suite takes each task's own settings"
+        )
+    optimizers = _check_optimizers(args.optimizers)
+    if args.label_noise >= 1.0:
+        raise _UsageError(f"--label-noise: the suite's tasks need a fraction < 1, got {args.label_noise:g}")
+    tasks, unavailable = _suite_tasks(args.tasks)
+    try:
+        specs = make_specs(
+            tasks, optimizers, args.seeds, suite=args.suite, budget=args.budget, size=args.size,
+            label_noise=args.label_noise,
+        )
+    except (KeyError, ValueError) as exc:
+        raise _UsageError(str(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
+    db = args.db if args.db is not None else default_db_path()
+    for name, why in unavailable.items():
+        print(f"flatminima bench: skipping task {name} (unavailable): {why}", file=sys.stderr)
+    try:
+        store = Store(db)
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        raise _UsageError(f"--db {db}: cannot open the database ({exc})") from None
+
+    by_key = {s.key: s for s in specs}
+    t0 = time.perf_counter()
+    with store:
+        try:
+            result = run_sweep(
+                specs, store, progress=None if args.quiet else TextProgress(),
+                threads=args.threads, errors="skip",
+            )
+        except KeyboardInterrupt:
+            print(
+                f"\nflatminima bench: interrupted; {len(store)} finished runs are stored in {db}: "
+                "run the same command again to resume",
+                file=sys.stderr,
+            )
+            return 130
+    wall = time.perf_counter() - t0
+    for key, why in result.unavailable.items():  # found only when the task's data was loaded
+        task = by_key[key].task
+        unavailable.setdefault(task, why[len(task) + 2:] if why.startswith(f"{task}: ") else why)
+
+    if args.budget is None or args.budget in ("quick", "full"):
+        budget = f"{args.budget or args.suite} epochs of each task"
+    else:
+        budget = specs[0].budget_text() if specs else args.budget
+    print(
+        f"suite {args.suite}: tasks {','.join(tasks) or '(none)'}, optimizers {','.join(optimizers)}, "
+        f"seeds {','.join(map(str, args.seeds))}, budget {budget}, size {args.size or args.suite}, "
+        f"label noise {args.label_noise:g} (torch {torch.__version__}, "
+        f"{args.threads} thread{'s' if args.threads > 1 else ''}); database {db}"
+    )
+    print()
+    rows = summary_table(result.records) if result.records else []
+    wm = win_matrix(result.records) if result.records else None
+    if rows:
+        print(format_summary(rows))
+        print()
+        print("Win matrix (mean test metric at the validation-chosen epoch):")
+        print()
+        print(wm.to_markdown())
+    else:
+        print("no finished runs")
+    print()
+    print(
+        f"{len(by_key)} runs: {len(result.ran)} ran, {len(result.skipped)} already in the database, "
+        f"{len(result.unavailable)} unavailable, {len(result.failed)} failed; total {wall:.1f} s"
+    )
+    if unavailable:
+        print("unavailable tasks (skipped):")
+        for name, why in unavailable.items():
+            print(f"  {name}: {why}")
+    if result.failed:
+        print("failed runs (not stored; the next sweep retries them):")
+        for key, error in result.failed.items():
+            print(f"  {by_key[key].describe()}: {error}")
+
+    if args.json is not None:
+        payload = {
+            "flatminima": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": args.threads,
+            "config": {
+                "suite": args.suite,
+                "tasks": tasks,
+                "optimizers": optimizers,
+                "seeds": args.seeds,
+                "budget": args.budget or args.suite,
+                "size": args.size or args.suite,
+                "label_noise": args.label_noise,
+                "db": str(db),
+            },
+            "wall_seconds": wall,
+            "summary": rows,
+            "win_matrix": {} if wm is None else {k: list(v) for k, v in wm.counts().items()},
+            "ran": result.ran,
+            "skipped": result.skipped,
+            "unavailable": unavailable,
+            "failed": {by_key[k].describe(): e for k, e in result.failed.items()},
+            "records": [r.to_dict() for r in result.records],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_jsonable(payload), indent=2, default=str) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _cmd_tasks() -> int:
+    from .bench.tasks import TASKS
+
+    rows = [("name", "domain", "metric", "epochs quick/full", "status")]
+    for name, cls in TASKS.items():
+        why = _availability(cls)
+        hp = cls.hparams
+        rows.append((
+            name, cls.domain or "-", cls.metric, f"{hp.epochs_quick}/{hp.epochs_full}",
+            "available" if why is None else f"unavailable: {why}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
+def _open_existing_store(db: Path) -> Any:
+    """A :class:`Store` on an existing flatminima database; :class:`_UsageError` when ``db`` is
+    missing, not a file or not such a database (checked read-only first, so that another SQLite
+    file is never modified)."""
+    from .bench.store import Store
+
+    if not db.exists():
+        raise _UsageError(
+            f"{db}: no such database (write one with `flatminima bench --suite quick --db {db}`)"
+        )
+    if not db.is_file():
+        raise _UsageError(f"{db}: not a file")
+    try:
+        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _UsageError(f"{db}: not a readable SQLite database ({exc})") from None
+    if "runs" not in tables:
+        raise _UsageError(f"{db}: not a flatminima benchmark database (no runs table)")
+    try:
+        return Store(db)
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        raise _UsageError(f"{db}: cannot open the database ({exc})") from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .bench.report import format_summary, summary_table, write_report
+    from .bench.store import default_db_path
+
+    db = args.db if args.db is not None else default_db_path()
+    if args.tasks is not None and not args.tasks:
+        raise _UsageError("--tasks: no task names given")
+    with _open_existing_store(db) as store:
+        records = store.all() if args.tasks is None else store.all(task=args.tasks)
+        present = sorted({r.spec.task for r in store.all()}) if args.tasks is not None else []
+    if not records:
+        if args.tasks is not None and present:
+            raise _UsageError(
+                f"{db}: no runs of {', '.join(args.tasks)} (it has runs of {', '.join(present)})"
+            )
+        raise _UsageError(f"{db}: no runs yet (run `flatminima bench --suite quick --db {db}`)")
+    if args.tasks is not None:
+        missing = [t for t in args.tasks if t not in {r.spec.task for r in records}]
+        if missing:
+            print(f"flatminima report: no runs of {', '.join(missing)} in {db}", file=sys.stderr)
+    try:
+        path = write_report(records, args.out, plots=not args.no_plots)
+    except OSError as exc:
+        raise _UsageError(f"--out {args.out}: cannot write the report ({exc})") from None
+    print(format_summary(summary_table(records)))
+    print()
+    print(f"wrote {path} ({len(records)} runs from {db})")
+    return 0
 
 _BATCH_ROWS = 128
 _CHECKPOINT_KEYS = ("task", "model_kwargs", "state_dict", "data_seed", "label_noise")
@@ -485,7 +853,8 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``flatminima`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit
-    code (0 success, 2 bad arguments) instead of exiting."""
+    code (0 success, 1 a suite run failed, 2 bad arguments, 130 an interrupted sweep) instead of
+    exiting."""
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
@@ -497,6 +866,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_list()
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        if args.command == "tasks":
+            return _cmd_tasks()
         if args.command == "sharpness":
             return _cmd_sharpness(args)
     except _UsageError as exc:

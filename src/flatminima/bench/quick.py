@@ -36,6 +36,7 @@ from .tasks.digits import make_digits, make_mlp
 
 __all__ = [
     "accuracy",
+    "optimizer_step",
     "DEFAULT_EPOCHS",
     "DEFAULT_OPTIMIZERS",
     "DEFAULT_RHO",
@@ -128,6 +129,21 @@ def _optimizer_kwargs(
     return kwargs
 
 
+def optimizer_step(
+    opt: Any, info: Any, closure: Callable[[], Tensor], sample_closure: Callable[..., Tensor] | None = None
+) -> Any:
+    """One optimizer step in the convention the registry entry ``info`` declares: ``opt.step(closure)``
+    for the SAM family (with the per-sample ``sample_closure`` when ``info.per_sample`` and one is
+    given), else ``zero_grad(); closure(); opt.step()`` as for any ``torch.optim`` optimizer.
+    Returns the loss the closure produced."""
+    if info.needs_closure:
+        return opt.step(sample_closure if (info.per_sample and sample_closure is not None) else closure)
+    opt.zero_grad(set_to_none=True)
+    loss = closure()
+    opt.step()
+    return loss
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)`` in eval mode (the model is left in train mode)."""
@@ -177,8 +193,6 @@ def _train_one(
             x, y = (xb, yb) if select is None else (xb[select], yb[select])
             return nn.functional.cross_entropy(model(x), y, reduction="none")
 
-        step_closure: Callable[..., Tensor] = sample_closure if info.per_sample else closure
-
         model.train()
         step_ns: list[int] = []
         epoch_losses: list[float] = []
@@ -190,12 +204,7 @@ def _train_one(
                 idx = order[start : start + batch_size]
                 xb, yb = data.x_train[idx], data.y_train[idx]
                 t0 = time.perf_counter_ns()
-                if info.needs_closure:
-                    loss = opt.step(step_closure)
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    loss = closure()
-                    opt.step()
+                loss = optimizer_step(opt, info, closure, sample_closure)
                 step_ns.append(time.perf_counter_ns() - t0)
                 if isinstance(loss, Tensor):
                     loss = loss.detach()

@@ -297,6 +297,17 @@ def _new_figure(Figure: Any) -> tuple[Any, Any]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
+def _finish(fig: Any, ax: Any, canvas: Any, setting: str, xlabel: str, ylabel: str, caption: str,
+            path: Path) -> tuple[str, Path]:
+    """Label, title, grid and legend of one per-setting plot, saved as PNG; ``(caption, path)``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(setting, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return caption, _save(fig, canvas, path)
+
+
 def _save(fig: Any, canvas_cls: Any, path: Path) -> Path:
     canvas_cls(fig)
     fig.tight_layout()
@@ -324,13 +335,10 @@ def _plot_time(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mpl: tu
             drawn = True
         if not drawn:
             continue
-        ax.set_xlabel("training time (s)")
-        ax.set_ylabel(f"test {metric} (mean over seeds)")
-        ax.set_title(setting, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        made.append((f"{setting}: test {metric} vs training time",
-                     _save(fig, Canvas, out / f"time_{_slug(setting)}.png")))
+        made.append(_finish(
+            fig, ax, Canvas, setting, "training time (s)", f"test {metric} (mean over seeds)",
+            f"{setting}: test {metric} vs training time", out / f"time_{_slug(setting)}.png",
+        ))
     return made
 
 
@@ -360,13 +368,10 @@ def _plot_rho(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mpl: tup
             positive = positive and all(x > 0 for x in rhos)
         if positive:
             ax.set_xscale("log")
-        ax.set_xlabel("rho")
-        ax.set_ylabel(f"test {metric} at the val-chosen epoch")
-        ax.set_title(setting, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        made.append((f"{setting}: test {metric} vs rho",
-                     _save(fig, Canvas, out / f"rho_{_slug(setting)}.png")))
+        made.append(_finish(
+            fig, ax, Canvas, setting, "rho", f"test {metric} at the val-chosen epoch",
+            f"{setting}: test {metric} vs rho", out / f"rho_{_slug(setting)}.png",
+        ))
     return made
 
 
@@ -386,13 +391,10 @@ def _plot_sharpness(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mp
         fig, ax = _new_figure(Figure)
         for label, xy in pts.items():
             ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label, s=18)
-        ax.set_xlabel("sharpness")
-        ax.set_ylabel(f"test error (1 - {metric})")
-        ax.set_title(setting, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        made.append((f"{setting}: test error vs sharpness",
-                     _save(fig, Canvas, out / f"sharpness_{_slug(setting)}.png")))
+        made.append(_finish(
+            fig, ax, Canvas, setting, "sharpness", f"test error (1 - {metric})",
+            f"{setting}: test error vs sharpness", out / f"sharpness_{_slug(setting)}.png",
+        ))
     return made
 
 

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from ..optim.averaging import SWA
 from ..optim.registry import SWA_OPTIONS, create, optimizer_info
-from .quick import DEFAULT_OPTIMIZERS, DEFAULT_RHO
+from .quick import DEFAULT_OPTIMIZERS, DEFAULT_RHO, optimizer_step
 from .store import EpochRecord, RunRecord, RunSpec, Store
 from .tasks import TASKS, Task, TaskUnavailable
 
@@ -472,7 +472,7 @@ def run_one(
                     batch = task.select(batch, select)
                 return task.sample_losses(model, batch)
 
-            step_closure = sample_closure if (info.per_sample and task.per_sample) else closure
+            per_sample = sample_closure if task.per_sample else None
 
             def evaluate() -> tuple[dict[str, float], dict[str, float], bool]:
                 with torch.random.fork_rng(devices=rng_devices):
@@ -502,12 +502,7 @@ def run_one(
                     for batch in task.train_batches(gen):
                         current["batch"] = _to_device(batch, dev)
                         t0 = time.perf_counter_ns()
-                        if info.needs_closure:
-                            loss = opt.step(step_closure)
-                        else:
-                            opt.zero_grad(set_to_none=True)
-                            loss = closure()
-                            opt.step()
+                        loss = optimizer_step(opt, info, closure, per_sample)
                         if sync:
                             torch.cuda.synchronize(dev)
                         step_ns.append(time.perf_counter_ns() - t0)

@@ -7,7 +7,7 @@ DATA   := $(VENV)/.flatminima-data
 # torch is pinned first so that pip takes the local CPU wheel instead of a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data test bench bench-step lint clean
+.PHONY: install data test bench bench-full bench-digits bench-step lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,22 @@ test: $(DATA)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# The main job: the quick suite (every task whose data is here x every optimizer family, 2 seeds, plus the
+# label-noise, rho and LETS studies) as a resumable sweep into $(BENCH_DB), its summary on stdout and
+# report.md + plots in report/quick. Runs already in the database are not recomputed: delete it to start over.
+BENCH_DB ?= flatminima-bench.sqlite
+JOBS     ?= 2
 bench: $(DATA)
+	$(BIN)/flatminima bench --suite quick --jobs $(JOBS) --db $(BENCH_DB)
+	$(BIN)/flatminima report --db $(BENCH_DB) --out report/quick
+
+# The full suite (3 seeds, full data and epochs; hours: see README "Results"), into its own database.
+bench-full: $(DATA)
+	$(BIN)/flatminima bench --suite full --jobs $(JOBS) --db flatminima-bench-full.sqlite
+	$(BIN)/flatminima report --db flatminima-bench-full.sqlite --out report/full
+
+# The single-task digits job of earlier versions (clean and 20 % label noise, 3 seeds; ~1 minute).
+bench-digits: $(STAMP)
 	$(BIN)/flatminima bench --seeds 0,1,2
 	$(BIN)/flatminima bench --seeds 0,1,2 --label-noise 0.2
 

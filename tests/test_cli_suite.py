@@ -208,7 +208,8 @@ def test_report_writes_markdown_and_prints_the_table(first, tmp_path):
         assert "plots skipped" in text
     else:
         pngs = sorted(p.name for p in rep.glob("*.png"))
-        assert pngs == ["time_digits-mlp-tiny-2-epochs.png"]
+        # every run measures its final sharpness, so the error-vs-sharpness plot is drawn too
+        assert pngs == ["sharpness_digits-mlp-tiny-2-epochs.png", "time_digits-mlp-tiny-2-epochs.png"]
         assert "![" in text
 
     code, _, err = _run(["report", "--db", str(db), "--out", str(tmp_path / "np"), "--no-plots",

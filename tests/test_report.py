@@ -8,8 +8,15 @@ import statistics
 import pytest
 
 from flatminima.bench.report import (
+    VERDICTS,
+    Claim,
     Comparison,
+    _is_lets,
+    _lets_curves,
+    _rho_points,
+    claims,
     default_comparisons,
+    format_claims,
     format_summary,
     setting_of,
     summary_table,
@@ -19,28 +26,37 @@ from flatminima.bench.report import (
 from flatminima.bench.store import EpochRecord, RunRecord, RunSpec
 
 
-def _rec(task, optimizer, seed, acc, *, ms=1.0, hparams=None, rho=None, sharpness=None, mem=None):
-    """Three epochs; validation peaks at epoch 2, where the test accuracy is ``acc``; the last
-    epoch's test accuracy is ``acc - 0.02``."""
-    spec = RunSpec(task, optimizer, seed=seed, budget={"epochs": 3}, hparams=hparams or {})
+def _rec(task, optimizer, seed, acc, *, ms=1.0, hparams=None, rho=None, sharpness=None, mem=None,
+         label=None, stats=None, metric="accuracy"):
+    """Three epochs; validation peaks at epoch 2, where the test ``metric`` is ``acc``; the last
+    epoch's is ``acc - 0.02``. ``rho`` goes to ``optimizer_kwargs``, ``stats`` to
+    ``stats_history``."""
+    spec = RunSpec(task, optimizer, seed=seed, budget={"epochs": 3}, hparams=hparams or {}, label=label)
     tests = [acc - 0.1, acc, acc - 0.02]
     vals = [0.5, 0.7, 0.6]
     epochs = [
         EpochRecord(epoch=i + 1, steps=10 * (i + 1), train_seconds=0.5 * (i + 1) * ms,
-                    train_loss=1.0 / (i + 1), val={"accuracy": v, "loss": 1.0},
-                    test={"accuracy": t, "loss": 1.0})
+                    train_loss=1.0 / (i + 1), val={metric: v, "loss": 1.0},
+                    test={metric: t, "loss": 1.0})
         for i, (v, t) in enumerate(zip(vals, tests))
     ]
     kwargs = {"lr": 0.05}
     if rho is not None:
         kwargs["rho"] = rho
     return RunRecord(
-        spec=spec, epochs=epochs, best_epoch=2, best_val=epochs[1].val, best_test=epochs[1].test,
-        final_val=epochs[2].val, final_test=epochs[2].test, steps=30, ms_per_step=ms,
-        ms_per_step_median=ms, peak_memory_bytes=None if mem is None else 1000 + mem,
+        spec=spec, metric=metric, epochs=epochs, best_epoch=2, best_val=epochs[1].val,
+        best_test=epochs[1].test, final_val=epochs[2].val, final_test=epochs[2].test, steps=30,
+        ms_per_step=ms, ms_per_step_median=ms, peak_memory_bytes=None if mem is None else 1000 + mem,
         base_memory_bytes=None if mem is None else 1000, optimizer_kwargs=kwargs,
-        extra={} if sharpness is None else {"sharpness": sharpness},
+        extra={} if sharpness is None else {"sharpness": sharpness}, stats_history=stats or [],
     )
+
+
+def _lets(task, seed, acc, rhos, *, rho0=0.05, optimizer="sam_sgd"):
+    """A LETS run: ``hparams["lets"]``, label ``<optimizer>+lets``, starting ``rho0`` in the
+    optimizer kwargs and the learned ``rhos`` per epoch in ``stats_history``."""
+    return _rec(task, optimizer, seed, acc, hparams={"lets": {}}, rho=rho0, label=f"{optimizer}+lets",
+                stats=[{"rho": x, "sam_grad_norm": 1.0} for x in rhos])
 
 
 # Mean test accuracy (at the validation-chosen epoch) per task and optimizer, over seeds 0, 1, 2.
@@ -168,3 +184,229 @@ def test_write_report_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(plotting, "require_matplotlib", missing)
     text = write_report([_rec("t", "sgd", 0, 0.5)], tmp_path).read_text(encoding="utf-8")
     assert "_plots skipped: no matplotlib here_" in text and not list(tmp_path.glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- LETS and claims
+def _setting(task):
+    return f"{task} (quick, 3 epochs)"
+
+
+def _claim(recs, name):
+    found = {c.name: c for c in claims(recs)}
+    assert list(found) == ["WASAM ≥ max(SAM, SWA)", "Monge-SAM is more robust to rho than SAM",
+                           "ESAM costs less than SAM (paper: ~1.4x SGD)", "LETS ≥ best fixed rho"]
+    assert all(c.verdict in VERDICTS for c in found.values())
+    return found[name]
+
+
+def _msam_records():
+    """m1: SAM's mean over rho spans 0.80..0.84 (spread 0.04), Monge-SAM's 0.83..0.84 (0.01);
+    m2: SAM 0.70..0.72 (0.02), Monge-SAM 0.70..0.73 (0.03); m3: Monge-SAM with only two rho."""
+    recs = [
+        # m1, sam_sgd: the default run (rho 0.05 from the kwargs) and two [rho=x] variants.
+        _rec("m1", "sam_sgd", 0, 0.83, rho=0.05), _rec("m1", "sam_sgd", 1, 0.85, rho=0.05),
+        _rec("m1", "sam_sgd", 0, 0.79, rho=0.01, hparams={"rho": 0.01}),
+        _rec("m1", "sam_sgd", 1, 0.81, rho=0.01, hparams={"rho": 0.01}),
+        _rec("m1", "sam_sgd", 0, 0.82, rho=0.1, hparams={"rho": 0.1}),
+        _rec("m1", "msam_sgd", 0, 0.83, rho=0.1, hparams={"rho": 0.1}),
+        _rec("m1", "msam_sgd", 0, 0.84, rho=0.5),
+        _rec("m1", "msam_sgd", 0, 0.835, rho=1.0, hparams={"rho": 1.0}),
+        # Not part of SAM's rho sweep: a LETS run (its kwargs' rho is only the start) and a run
+        # that changes more than rho.
+        _lets("m1", 0, 0.5, [0.2, 0.3, 0.4], rho0=0.2),
+        _rec("m1", "sam_sgd", 0, 0.4, rho=0.3, hparams={"rho": 0.3, "lr": 0.1}),
+    ]
+    for opt, accs in (("sam_sgd", (0.70, 0.71, 0.72)), ("msam_sgd", (0.70, 0.73, 0.72))):
+        for rho, acc in zip((0.01, 0.05, 0.1) if opt == "sam_sgd" else (0.1, 0.5, 1.0), accs):
+            recs.append(_rec("m2", opt, 0, acc, rho=rho, hparams={"rho": rho}))
+    recs += [_rec("m3", "sam_sgd", 0, 0.6 + 0.01 * i, rho=rho, hparams={"rho": rho})
+             for i, rho in enumerate((0.01, 0.05, 0.1))]
+    recs += [_rec("m3", "msam_sgd", 0, 0.6, rho=rho, hparams={"rho": rho}) for rho in (0.1, 0.5)]
+    return recs
+
+
+def test_is_lets_and_rho_points_exclude_lets_runs():
+    assert _is_lets(_lets("t", 0, 0.5, [0.1]))
+    assert _is_lets(_rec("t", "sam_sgd", 0, 0.5, hparams={"lets": {"lr": 0.01, "every": 5}}))
+    assert not _is_lets(_rec("t", "sam_sgd", 0, 0.5, rho=0.05))
+    assert not _is_lets(_rec("t", "sam_sgd", 0, 0.5, hparams={"lets": None}))
+    m1 = [r for r in _msam_records() if r.spec.task == "m1"]
+    # What the rho plot draws: SAM at 0.01, 0.05, 0.1 and the lr=0.1 run's 0.3; never LETS's 0.2.
+    assert _rho_points(m1) == {
+        "sam_sgd": {0.05: [0.83, 0.85], 0.01: [0.79, 0.81], 0.1: [0.82], 0.3: [0.4]},
+        "msam_sgd": {0.1: [0.83], 0.5: [0.84], 1.0: [0.835]},
+    }
+    assert _rho_points(m1, only_rho=True)["sam_sgd"] == {0.05: [0.83, 0.85], 0.01: [0.79, 0.81],
+                                                          0.1: [0.82]}
+
+
+def test_lets_curves_and_plot(tmp_path):
+    recs = [
+        _rec("l1", "sam_sgd", 0, 0.88, rho=0.05),
+        _lets("l1", 0, 0.897, [0.05, 0.07, 0.09]),
+        _lets("l1", 1, 0.899, [0.04, math.nan, 0.03]),  # a NaN epoch is skipped
+        _lets("l1", 2, 0.9, [], rho0=0.2),  # nothing learned to draw
+        _lets("l1", 0, 0.9, [0.1, 0.2, 0.3], rho0=0.1, optimizer="msam_sgd"),
+    ]
+    curves = _lets_curves({"sam_sgd": recs[:1], "sam_sgd+lets": recs[1:4], "msam_sgd+lets": recs[4:]})
+    assert list(curves) == ["sam_sgd+lets", "msam_sgd+lets"]
+    assert [(r.spec.seed, pts) for r, pts in curves["sam_sgd+lets"]] == [
+        (0, [(1, 0.05), (2, 0.07), (3, 0.09)]), (1, [(1, 0.04), (3, 0.03)])]
+    assert curves["msam_sgd+lets"][0][1] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert _lets_curves({"sam_sgd": recs[:1]}) == {}
+
+    pytest.importorskip("matplotlib")
+    text = write_report(recs + [_rec("l2", "sgd", 0, 0.7)], tmp_path).read_text(encoding="utf-8")
+    pngs = sorted(p.name for p in tmp_path.glob("lets_*.png"))
+    assert pngs == ["lets_l1-quick-3-epochs.png"]
+    assert (tmp_path / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    caption = "l1 (quick, 3 epochs): LETS radius per epoch"
+    assert f"### {caption}\n\n![{caption}](lets_l1-quick-3-epochs.png)" in text
+    # sam_sgd ran at 0.05 only: LETS's starting rho 0.2 does not make it a rho sweep.
+    assert not list(tmp_path.glob("rho_*.png"))
+
+
+WASAM_ACC = {
+    "w1": {"sam_sgd": [0.87, 0.89], "sgd+swa": [0.85], "sam_sgd+swa": [0.90]},  # +0.02 over 0.88
+    "w2": {"sam_sgd": [0.75], "sgd+swa": [0.70], "sam_sgd+swa": [0.70]},  # -0.05
+    "w3": {"sam_sgd": [0.80], "sgd+swa": [0.82], "sam_sgd+swa": [0.83]},  # +0.01
+    "w4": {"sam_sgd": [0.60], "sgd+swa": [0.60], "sam_sgd+swa": [0.60]},  # a tie wins
+}
+
+
+def _wasam(*tasks):
+    return [_rec(t, opt, seed, acc) for t in tasks for opt, accs in WASAM_ACC[t].items()
+            for seed, acc in enumerate(accs)]
+
+
+def test_claim_wasam():
+    name = "WASAM ≥ max(SAM, SWA)"
+    c = _claim(_wasam("w1", "w2", "w3"), name)
+    assert (c.verdict, c.data["k"], c.data["n"]) == ("unclear", 2, 3)  # 2/3 = 0.67
+    assert c.data["margins"] == pytest.approx({_setting("w1"): 0.02, _setting("w2"): -0.05,
+                                               _setting("w3"): 0.01})
+    # mean margin (2 - 5 + 1) / 3 = -0.67 points
+    assert c.evidence == ("2 of 3 settings (paper: 39/42); margin over the better of SAM and SWA: "
+                          "mean -0.67 points (-5.00 to +2.00)")
+    assert _claim(_wasam("w1", "w2", "w3", "w4"), name).verdict == "yes"  # 3 of 4 = 0.75
+    assert _claim(_wasam("w1", "w2"), name).verdict == "unclear"  # 1 of 2 = 0.5
+    assert _claim(_wasam("w2"), name).evidence.startswith("0 of 1 settings")
+    assert _claim(_wasam("w2"), name).verdict == "no"
+    assert _claim(_wasam("w1", "w3"), name).verdict == "yes"
+    missing = [r for r in _wasam("w1", "w2") if r.label != "sgd+swa"]
+    assert _claim(missing, name).verdict == "not measured"
+    # A metric outside _PERCENT is not scaled, as in the table.
+    recall = [_rec("r", opt, 0, acc, metric="recall@1")
+              for opt, acc in (("sam_sgd", 0.5), ("sgd+swa", 0.4), ("sam_sgd+swa", 0.52))]
+    assert _claim(recall, name).evidence.endswith("mean +0.0200 recall@1 (+0.0200 to +0.0200)")
+
+
+def test_claim_msam_spreads():
+    name = "Monge-SAM is more robust to rho than SAM"
+    recs = _msam_records()
+    c = _claim(recs, name)
+    assert c.verdict == "unclear"  # smaller in m1, larger in m2; m3 has two rho for Monge-SAM
+    assert set(c.data["spreads"]) == {_setting("m1"), _setting("m2")}
+    assert c.data["spreads"][_setting("m1")] == pytest.approx({"sam_sgd": 0.04, "msam_sgd": 0.01})
+    assert c.data["spreads"][_setting("m2")] == pytest.approx({"sam_sgd": 0.02, "msam_sgd": 0.03})
+    assert c.data["rhos"][_setting("m1")] == {"sam_sgd": [0.01, 0.05, 0.1], "msam_sgd": [0.1, 0.5, 1.0]}
+    assert c.evidence == (
+        "spread of the mean over rho (best - worst) smaller for Monge-SAM in 1 of 2 settings: "
+        "m1 (quick, 3 epochs): SAM 4.00 points over rho 0.01–0.1, Monge-SAM 1.00 points over rho "
+        "0.1–1; m2 (quick, 3 epochs): SAM 2.00 points over rho 0.01–0.1, Monge-SAM 3.00 points "
+        "over rho 0.1–1")
+
+    def only(*tasks):
+        return [r for r in recs if r.spec.task in tasks]
+
+    assert _claim(only("m1", "m3"), name).verdict == "yes"
+    assert _claim(only("m2"), name).verdict == "no"
+    assert _claim(only("m3"), name).verdict == "not measured"
+    assert _claim(_records(), name).verdict == "not measured"
+
+
+ESAM = {  # task: {label: (ms per step, test accuracy)}
+    "e1": {"sgd": (2.0, 0.80), "sam_sgd": (4.0, 0.88), "esam_sgd": (2.8, 0.875)},  # 1.4x, 2.0x, -0.5
+    "e2": {"sgd": (1.0, 0.70), "sam_sgd": (2.1, 0.75), "esam_sgd": (1.5, 0.73)},  # 1.5x, 2.1x, -2.0
+    "e3": {"sgd": (2.0, 0.70), "sam_sgd": (4.0, 0.80), "esam_sgd": (2.6, 0.81)},  # 1.3x, 2.0x, +1.0
+    "e4": {"sgd": (1.0, 0.70), "sam_sgd": (2.0, 0.75), "esam_sgd": (2.5, 0.75)},  # 2.5x, 2.0x, 0
+}
+
+
+def _esam(*tasks, drop=()):
+    return [_rec(t, opt, 0, acc, ms=ms) for t in tasks for opt, (ms, acc) in ESAM[t].items()
+            if opt not in drop]
+
+
+def test_claim_esam_ratios():
+    name = "ESAM costs less than SAM (paper: ~1.4x SGD)"
+    c = _claim(_esam("e1", "e2", "e3"), name)
+    assert c.verdict == "yes"  # cheaper in 3 of 3, within 1 point in 2 of 3
+    assert (c.data["cheaper"], c.data["close"], c.data["n"]) == (3, 2, 3)
+    per = c.data["settings"]
+    assert [per[_setting(t)]["esam_ratio"] for t in ("e1", "e2", "e3")] == pytest.approx([1.4, 1.5, 1.3])
+    assert [per[_setting(t)]["sam_ratio"] for t in ("e1", "e2", "e3")] == pytest.approx([2.0, 2.1, 2.0])
+    assert [per[_setting(t)]["diff"] for t in ("e1", "e2", "e3")] == pytest.approx([-0.005, -0.02, 0.01])
+    assert c.evidence == (
+        "time per step vs sgd: ESAM median 1.40x (1.30x to 1.50x), SAM median 2.00x (2.00x to 2.10x); "
+        "ESAM cheaper than SAM in 3 of 3 settings, at most 1 point(s) below SAM in 2 of 3; "
+        "ESAM - SAM: mean -0.50 points (-2.00 to +1.00)")
+    assert _claim(_esam("e2"), name).verdict == "unclear"  # cheaper, but 2 points below SAM
+    assert _claim(_esam("e1", "e2"), name).verdict == "unclear"  # within 1 point in 1 of 2 only
+    assert _claim(_esam("e4"), name).verdict == "no"  # 2.5x vs 2.0x
+    assert _claim(_esam("e1", "e4"), name).verdict == "unclear"
+    assert _claim(_esam("e1", drop=("esam_sgd",)), name).verdict == "not measured"
+    assert _claim(_esam("e1", drop=("sgd",)), name).verdict == "not measured"  # no time ratio
+
+
+def _lets_records():
+    """l1: sam_sgd at rho 0.02, 0.05 (default), 0.1 -> 0.86, 0.88, 0.90, LETS 0.898 (within 0.5
+    point of 0.90); l2: only the default rho, 0.75, and LETS 0.74 (1 point below)."""
+    return [
+        _rec("l1", "sam_sgd", 0, 0.88, rho=0.05),
+        _rec("l1", "sam_sgd", 0, 0.90, rho=0.1, hparams={"rho": 0.1}),
+        _rec("l1", "sam_sgd", 0, 0.86, rho=0.02, hparams={"rho": 0.02}),
+        _lets("l1", 0, 0.897, [0.05, 0.07, 0.09]),
+        _lets("l1", 1, 0.899, [0.05, 0.06, 0.08]),
+        _rec("l2", "sam_sgd", 0, 0.75, rho=0.05),
+        _lets("l2", 0, 0.74, [0.05, 0.04, 0.03]),
+    ]
+
+
+def test_claim_lets_vs_best_fixed_rho():
+    name = "LETS ≥ best fixed rho"
+    recs = _lets_records()
+    c = _claim(recs, name)
+    assert (c.verdict, c.data["k"], c.data["n"]) == ("unclear", 1, 2)
+    l1 = c.data["settings"][_setting("l1")]["sam_sgd+lets"]
+    assert l1["lets"] == pytest.approx(0.898) and l1["best"] == pytest.approx(0.90)
+    assert l1["best_rho"] == 0.1 and l1["rhos"] == [0.02, 0.05, 0.1] and l1["sweep"] is True
+    assert l1["gap"] == pytest.approx(-0.002)
+    l2 = c.data["settings"][_setting("l2")]["sam_sgd+lets"]
+    assert l2["sweep"] is False and l2["best_rho"] == 0.05 and l2["gap"] == pytest.approx(-0.01)
+    assert c.evidence == (
+        "LETS at most 0.5 point(s) below the best fixed rho in 1 of 2 (setting, label) pairs: "
+        "l1 (quick, 3 epochs): sam_sgd+lets 89.80 vs 90.00 (best of sam_sgd over 3 rho in "
+        "0.02–0.1, at rho=0.1), -0.20 points; "
+        "l2 (quick, 3 epochs): sam_sgd+lets 74.00 vs 75.00 (no rho sweep: sam_sgd at rho=0.05), "
+        "-1.00 points")
+    assert _claim([r for r in recs if r.spec.task == "l1"], name).verdict == "yes"
+    assert _claim([r for r in recs if r.spec.task == "l2"], name).verdict == "no"
+    none = _claim(_records(), name)
+    assert (none.verdict, none.evidence) == ("not measured", "no LETS runs (records with hparams['lets'])")
+    alone = _claim([r for r in recs if _is_lets(r)], name)
+    assert alone.verdict == "not measured" and alone.evidence.startswith("LETS runs but no fixed-rho")
+
+
+def test_claims_section_in_report(tmp_path):
+    with pytest.raises(ValueError):
+        Claim("x", "maybe", "")
+    assert format_claims([Claim("A", "yes", "3 of 3")]) == "- **A**: yes — 3 of 3"
+    text = write_report(_records(), tmp_path, plots=False).read_text(encoding="utf-8")
+    assert text.index("## Win matrix") < text.index("## Claims") < text.index("## Plots")
+    # task-a: 0.90 vs max(0.88, 0.85), +2 points; task-b: 0.70 vs max(0.75, 0.70), -5 points.
+    assert ("- **WASAM ≥ max(SAM, SWA)**: unclear — 1 of 2 settings (paper: 39/42); margin over "
+            "the better of SAM and SWA: mean -1.50 points (-5.00 to +2.00)\n") in text
+    assert "- **Monge-SAM is more robust to rho than SAM**: not measured — " in text
+    assert "- **ESAM costs less than SAM (paper: ~1.4x SGD)**: not measured — " in text
+    assert "- **LETS ≥ best fixed rho**: not measured — no LETS runs" in text

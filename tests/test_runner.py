@@ -56,10 +56,12 @@ def test_tiny_runs_finish_with_finite_metrics(optimizer):
         assert len(rec.stats_history) == 2 and rec.stats_history[-1]["rho"] == pytest.approx(0.05)
     if optimizer == "esam_sgd":  # the per-sample closure ran: data selection kept half the batch
         assert rec.stats_history[-1]["selected"] == pytest.approx(0.5)
-    if optimizer == "sgd+swa":  # averaging starts at epoch floor(0.75 * 2) = 1: the last epoch
+    if optimizer == "sgd+swa":  # averaging starts at epoch floor(0.75 * 2) = 1: the last epoch,
+        # every ceil(spe / 10) steps (spe = 4: every step, 4 iterates)
+        every = -(-spe // 10)
         assert [e.averaged for e in rec.epochs] == [False, True]
-        assert rec.stats_history[-1]["n_averaged"] == 1.0
-        assert rec.extra["swa"] == {"start_step": spe, "every": spe}
+        assert rec.stats_history[-1]["n_averaged"] == spe // every == 4
+        assert rec.extra["swa"] == {"start_step": spe, "every": every}
 
 
 def test_epoch_budget_runs_exactly_that_many_epochs():

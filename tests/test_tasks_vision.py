@@ -274,7 +274,7 @@ def test_fashion_task_on_synthetic_idx_files(tmp_path):
     assert torch.bincount(task.y_val).tolist() == [10] * 10
     other = FashionMNISTTask(size="tiny", data_seed=4, data_dir=tmp_path)
     assert not torch.equal(other.train_index, task.train_index)
-    with pytest.raises(ValueError, match="cannot take a subset of 10000 rows out of 600"):
+    with pytest.raises(ValueError, match="cannot take a subset of 5000 rows out of 600"):
         FashionMNISTTask(size="quick", data_dir=tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(299, np.uint8)))
     with pytest.raises(ValueError, match="test files disagree"):
@@ -283,10 +283,12 @@ def test_fashion_task_on_synthetic_idx_files(tmp_path):
 
 def test_fashion_quick_split_on_the_real_data():
     task = _make(FashionMNISTTask, size="quick", data_seed=0)
-    assert (task.x_train.shape[0], task.x_val.shape[0], task.x_test.shape[0]) == (9000, 1000, 10000)
-    assert torch.bincount(task.y_train).tolist() == [900] * 10
-    assert torch.bincount(task.y_val).tolist() == [100] * 10
-    assert torch.equal(task.test_index, torch.arange(10000))
+    assert (task.x_train.shape[0], task.x_val.shape[0], task.x_test.shape[0]) == (4500, 500, 2000)
+    assert torch.bincount(task.y_train).tolist() == [450] * 10
+    assert torch.bincount(task.y_val).tolist() == [50] * 10
+    assert torch.bincount(task.y_test).tolist() == [200] * 10
+    assert task.test_index.unique().numel() == 2000 and int(task.test_index.max()) < 10000
+    assert torch.equal(FashionMNISTTask(size="full").test_index, torch.arange(10000))
     assert abs(float(task.x_train.mean())) < 0.05 and abs(float(task.x_train.std()) - 1) < 0.05
     x_tr, y_tr, x_te, y_te = V.load_fashion_mnist()
     assert x_tr.shape == (60000, 28, 28) and x_te.shape == (10000, 28, 28) and x_tr.dtype == np.uint8

@@ -16,6 +16,7 @@ database, ...), 130 when a sweep is interrupted (its finished runs stay stored).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,7 +75,9 @@ _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite
 _DIGITS_LR = 0.05
 _DIGITS_BATCH_SIZE = 64
 #: ``bench`` options that only apply to the suite / only to the digits job: (attribute, flag).
-_SUITE_ONLY = (("tasks", "--tasks"), ("budget", "--budget"), ("size", "--size"), ("db", "--db"))
+_SUITE_ONLY = (("tasks", "--tasks"), ("budget", "--budget"), ("size", "--size"), ("db", "--db"),
+               ("studies", "--studies"), ("jobs", "--jobs"))
+_DIGITS_SEEDS = [0, 1]
 _DIGITS_ONLY = (
     ("epochs", "--epochs"), ("lr", "--lr"), ("batch_size", "--batch-size"),
     ("save_models", "--save-models"),
@@ -137,16 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the digits job)",
     )
     bench.add_argument(
-        "--optimizers", type=_csv, default=list(DEFAULT_OPTIMIZERS), metavar="LIST",
-        help="comma-separated registry names (default: %(default)s; see `flatminima list`)",
+        "--optimizers", type=_csv, default=None, metavar="LIST",
+        help=f"comma-separated registry names (default: {','.join(DEFAULT_OPTIMIZERS)}; see "
+        "`flatminima list`); with --suite, replaces the suite's studies by these optimizers on "
+        "its tasks (a SAM-family name followed by +lets wraps it in LETS)",
     )
     bench.add_argument(
-        "--seeds", type=_seeds, default=[0, 1], metavar="LIST",
-        help="comma-separated training seeds, e.g. 0,1,2 (default: 0,1)",
+        "--seeds", type=_seeds, default=None, metavar="LIST",
+        help="comma-separated training seeds, e.g. 0,1,2 (default: 0,1; with --suite: the suite's)",
     )
     bench.add_argument(
-        "--label-noise", type=_fraction, default=0.0, metavar="FRACTION",
-        help="fraction of training labels flipped to another class (default: 0; the suite needs < 1)",
+        "--label-noise", type=_fraction, default=None, metavar="FRACTION",
+        help="fraction of training labels flipped to another class (default: 0; the suite needs < 1; "
+        "with --suite, replaces the suite's studies like --optimizers)",
     )
     bench.add_argument(
         "--threads", type=_positive_int, default=1,
@@ -170,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     suite_opts.add_argument(
         "--size", choices=("tiny", "quick", "full"), default=None,
         help="data size passed to the tasks (default: the suite's)",
+    )
+    suite_opts.add_argument(
+        "--studies", type=_csv, default=None, metavar="LIST",
+        help="run only these studies of the suite (main, noise, rho, lets; full also noise40; "
+        "default: all)",
+    )
+    suite_opts.add_argument(
+        "--jobs", type=_positive_int, default=None,
+        help="runs trained at a time, in worker processes sharing the database (default: 1); "
+        "--threads applies to each",
     )
     suite_opts.add_argument(
         "--db", type=Path, default=None, metavar="PATH",
@@ -311,6 +327,32 @@ def _check_optimizers(names: Sequence[str]) -> list[str]:
     return canonical
 
 
+def _suite_optimizers(names: Sequence[str]) -> list[Any]:
+    """``--optimizers`` of a suite: registry names, and ``X+lets`` for a SAM-family ``X`` (LETS
+    with its defaults around ``X``, as the entry ``("X+lets", "X", {"lets": {}})``)."""
+    from . import optimizer_info
+
+    plain = [n[: -len("+lets")] if n.endswith("+lets") else n for n in names]
+    canonical = _check_optimizers(plain)
+    out: list[Any] = []
+    for given, name in zip(names, canonical):
+        if not given.endswith("+lets"):
+            out.append(name)
+            continue
+        info = optimizer_info(name)
+        if info.family == "base" or info.averaging:
+            raise _UsageError(
+                f"--optimizers: {given}: LETS wraps a SAM-family optimizer without averaging "
+                "(e.g. sam_sgd+lets, msam_sgd+lets)"
+            )
+        out.append((f"{name}+lets", name, {"lets": {}}))
+    labels = [e if isinstance(e, str) else e[0] for e in out]
+    repeated = sorted({n for n in labels if labels.count(n) > 1})
+    if repeated:
+        raise _UsageError(f"--optimizers: each name once, got {', '.join(repeated)} more than once")
+    return out
+
+
 def _given(args: argparse.Namespace, options: Sequence[tuple[str, str]]) -> list[str]:
     """The flags among ``options`` that were given (their value is not ``None``)."""
     return [flag for attr, flag in options if getattr(args, attr) is not None]
@@ -330,7 +372,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .bench.quick import DEFAULT_EPOCHS, format_table, run_quick, summarize
+    from .bench.quick import DEFAULT_EPOCHS, DEFAULT_OPTIMIZERS, format_table, run_quick, summarize
 
     wrong = _given(args, _SUITE_ONLY)
     if wrong:
@@ -338,6 +380,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to the multi-task "
             "suite: add --suite quick or --suite full"
         )
+    if args.optimizers is None:
+        args.optimizers = list(DEFAULT_OPTIMIZERS)
+    if args.seeds is None:
+        args.seeds = list(_DIGITS_SEEDS)
+    if args.label_noise is None:
+        args.label_noise = 0.0
     _check_optimizers(args.optimizers)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
@@ -423,9 +471,10 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .bench.report import format_summary, summary_table, win_matrix
-    from .bench.runner import TextProgress, make_specs, run_sweep
+    from .bench.report import claims, format_claims, format_summary, summary_table, win_matrix
+    from .bench.runner import DEFAULT_SUITE_OPTIMIZERS, TextProgress, make_specs, run_sweep
     from .bench.store import Store, default_db_path
+    from .bench.suites import SUITES, suite_specs
 
     wrong = _given(args, _DIGITS_ONLY)
     if wrong:
@@ -433,15 +482,32 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
             f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to the digits job "
             "(without --suite); the suite takes each task's own settings"
         )
-    optimizers = _check_optimizers(args.optimizers)
-    if args.label_noise >= 1.0:
-        raise _UsageError(f"--label-noise: the suite's tasks need a fraction < 1, got {args.label_noise:g}")
+    custom = args.optimizers is not None or args.label_noise is not None
+    if custom and args.studies is not None:
+        raise _UsageError("--studies selects the suite's own studies; it cannot be combined with "
+                          "--optimizers or --label-noise (which replace them)")
+    label_noise = 0.0 if args.label_noise is None else args.label_noise
+    if label_noise >= 1.0:
+        raise _UsageError(f"--label-noise: the suite's tasks need a fraction < 1, got {label_noise:g}")
+    suite = SUITES[args.suite]
+    seeds = list(suite.seeds) if args.seeds is None else args.seeds
     tasks, unavailable = _suite_tasks(args.tasks)
     try:
-        specs = make_specs(
-            tasks, optimizers, args.seeds, suite=args.suite, budget=args.budget, size=args.size,
-            label_noise=args.label_noise,
-        )
+        if custom:
+            entries = _suite_optimizers(args.optimizers or [n for n in DEFAULT_SUITE_OPTIMIZERS])
+            specs = make_specs(
+                tasks, entries, seeds, suite=args.suite, budget=args.budget, size=args.size,
+                label_noise=label_noise,
+            )
+            what = f"optimizers {','.join(e if isinstance(e, str) else e[0] for e in entries)}, " \
+                   f"label noise {label_noise:g}"
+        else:
+            for name in args.studies or ():
+                suite.study(name)
+            specs = suite_specs(args.suite, tasks=tasks, studies=args.studies, seeds=seeds,
+                                budget=args.budget, size=args.size)
+            chosen = args.studies or [st.name for st in suite.studies]
+            what = f"studies {','.join(chosen)}"
     except (KeyError, ValueError) as exc:
         raise _UsageError(str(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
     db = args.db if args.db is not None else default_db_path()
@@ -458,7 +524,7 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
         try:
             result = run_sweep(
                 specs, store, progress=None if args.quiet else TextProgress(),
-                threads=args.threads, errors="skip",
+                threads=args.threads, errors="skip", jobs=args.jobs or 1,
             )
         except KeyboardInterrupt:
             print(
@@ -477,9 +543,9 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
     else:
         budget = specs[0].budget_text() if specs else args.budget
     print(
-        f"suite {args.suite}: tasks {','.join(tasks) or '(none)'}, optimizers {','.join(optimizers)}, "
-        f"seeds {','.join(map(str, args.seeds))}, budget {budget}, size {args.size or args.suite}, "
-        f"label noise {args.label_noise:g} (torch {torch.__version__}, "
+        f"suite {args.suite}: tasks {','.join(tasks) or '(none)'}, {what}, "
+        f"seeds {','.join(map(str, seeds))}, budget {budget}, size {args.size or args.suite} "
+        f"(torch {torch.__version__}, {args.jobs or 1} job{'s' if (args.jobs or 1) > 1 else ''} x "
         f"{args.threads} thread{'s' if args.threads > 1 else ''}); database {db}"
     )
     print()
@@ -491,6 +557,10 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
         print("Win matrix (mean test metric at the validation-chosen epoch):")
         print()
         print(wm.to_markdown())
+        print()
+        print("Claims of the seed papers (see `flatminima report` for the plots):")
+        print()
+        print(format_claims(claims(result.records)))
     else:
         print("no finished runs")
     print()
@@ -516,13 +586,16 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
             "config": {
                 "suite": args.suite,
                 "tasks": tasks,
-                "optimizers": optimizers,
-                "seeds": args.seeds,
+                "runs": what,
+                "optimizers": list(dict.fromkeys(sp.display_label for sp in specs)),
+                "label_noise": sorted({sp.label_noise for sp in specs}),
+                "seeds": seeds,
                 "budget": args.budget or args.suite,
                 "size": args.size or args.suite,
-                "label_noise": args.label_noise,
+                "jobs": args.jobs or 1,
                 "db": str(db),
             },
+            "claims": [dataclasses.asdict(c) for c in claims(result.records)],
             "wall_seconds": wall,
             "summary": rows,
             "win_matrix": {} if wm is None else {k: list(v) for k, v in wm.counts().items()},

@@ -13,10 +13,42 @@ Records (:class:`~flatminima.bench.store.RunRecord`, e.g. ``Store(path).all()``)
   "k of n" (settings where one of the labels is missing are not counted). By default, for every
   ``X+swa`` with ``X`` SAM-family: ``X+swa ≥ max(X, <base>+swa)`` (does WASAM beat both SAM and
   SWA?).
-* :func:`write_report`: ``report.md`` with both, and PNG plots (test metric vs training time per
-  setting, test metric vs ``rho`` where an optimizer was run with several, test error vs sharpness
-  where records carry one in ``extra["sharpness"]``) drawn with matplotlib when it is installed
-  (otherwise the report says the plots were skipped).
+* :func:`claims`: verdicts (``"yes"``, ``"no"``, ``"unclear"`` or ``"not measured"``) on four
+  claims of the papers behind the library, each with a one-line evidence string
+  (:func:`format_claims` renders them):
+
+  - *WASAM ≥ max(SAM, SWA)*: settings where ``sam_sgd+swa`` ≥ max(``sam_sgd``, ``sgd+swa``)
+    (the win matrix's rule), k of n (the paper: 39 of 42); "yes" when k/n ≥
+    :data:`WASAM_YES_FRACTION`, "no" when k/n < :data:`WASAM_NO_FRACTION`.
+  - *Monge-SAM is more robust to rho than SAM*: in settings where both ``sam_sgd`` and
+    ``msam_sgd`` were run with at least :data:`MSAM_MIN_RHOS` values of ``rho``, the spread (best
+    minus worst mean over ``rho``) of each; "yes" when Monge-SAM's is smaller in every such
+    setting, "no" when larger in every one.
+  - *ESAM costs less than SAM*: in settings with ``sgd``, ``sam_sgd`` and ``esam_sgd``, the time
+    per step of each over ``sgd``'s; "yes" when ESAM's ratio is below SAM's in every setting and
+    ESAM's metric is at most :data:`ESAM_TOLERANCE` below SAM's in more than
+    :data:`ESAM_MOST_FRACTION` of them, "no" when ESAM is not cheaper in any.
+  - *LETS ≥ best fixed rho*: for each label of LETS runs, its mean against the best mean of the
+    same optimizer over the fixed values of ``rho`` it was run with (at least
+    :data:`LETS_MIN_RHOS`; with a single one, e.g. only the default ``rho``, the evidence says
+    "no rho sweep"); "yes" when LETS is at most :data:`LETS_TOLERANCE` below in every (setting,
+    label) pair, "no" when further below in every one.
+
+  Means are those of the summary table; the rho sweeps use the runs whose ``hparams`` set nothing
+  but ``rho`` (LETS runs excluded), with ``rho`` from their ``optimizer_kwargs``. Tolerances are in
+  units of the metric (``0.01`` is one point of a percent metric); evidence shows differences in
+  points for percent metrics (:data:`_PERCENT`) and unscaled otherwise, as the table does.
+* :func:`write_report`: ``report.md`` with the table, the win matrix, the claims and PNG plots (test
+  metric vs training time per setting, test metric vs ``rho`` where an optimizer was run with
+  several, test error vs sharpness where records carry one in ``extra["sharpness"]``, and the
+  radius learned by LETS per epoch, one line per run, with its starting ``rho`` dashed) drawn with
+  matplotlib when it is installed (otherwise the report says the plots were skipped).
+
+LETS runs (:class:`~flatminima.optim.lets.LETS` wrapping a SAM-family optimizer) are the records
+whose ``spec.hparams`` has a ``"lets"`` key (its value: the LETS options, possibly ``{}``), labelled
+e.g. ``sam_sgd+lets``; ``optimizer_kwargs["rho"]`` is the starting radius and
+``stats_history[i]["rho"]`` the radius at the end of epoch ``i + 1``. They are left out of the
+test metric vs ``rho`` plots and of the rho sweeps of the claims.
 """
 
 from __future__ import annotations
@@ -33,9 +65,20 @@ from typing import Any
 from .store import RunRecord, canonical_json
 
 __all__ = [
+    "ESAM_MOST_FRACTION",
+    "ESAM_TOLERANCE",
+    "LETS_MIN_RHOS",
+    "LETS_TOLERANCE",
+    "MSAM_MIN_RHOS",
+    "VERDICTS",
+    "WASAM_NO_FRACTION",
+    "WASAM_YES_FRACTION",
+    "Claim",
     "Comparison",
     "WinMatrix",
+    "claims",
     "default_comparisons",
+    "format_claims",
     "format_summary",
     "setting_of",
     "summary_table",
@@ -46,6 +89,25 @@ __all__ = [
 #: Metrics shown as percentages.
 _PERCENT = frozenset({"accuracy", "acc", "top1", "top5", "balanced_accuracy", "f1", "macro_f1",
                       "auc", "auroc", "win_rate"})
+
+#: Claim verdicts.
+VERDICTS = ("yes", "no", "unclear", "not measured")
+#: WASAM claim: "yes" when ``sam_sgd+swa`` wins in at least this fraction of the settings.
+WASAM_YES_FRACTION = 0.75
+#: WASAM claim: "no" when it wins in less than this fraction.
+WASAM_NO_FRACTION = 0.5
+#: Monge-SAM claim: distinct ``rho`` values needed for both ``sam_sgd`` and ``msam_sgd``.
+MSAM_MIN_RHOS = 3
+#: ESAM claim: how far (metric units; 0.01 = 1 point) ESAM's mean may be below SAM's.
+ESAM_TOLERANCE = 0.01
+#: ESAM claim: ESAM must be within :data:`ESAM_TOLERANCE` in more than this fraction of settings.
+ESAM_MOST_FRACTION = 0.5
+#: LETS claim: how far (metric units; 0.005 = half a point) LETS may be below the best fixed rho.
+LETS_TOLERANCE = 0.005
+#: LETS claim: distinct fixed ``rho`` values that make a sweep (fewer: "no rho sweep").
+LETS_MIN_RHOS = 2
+#: Round-off absorbed by the claims' comparisons of means (as :func:`win_matrix`'s ``tol``).
+_EPS = 1e-9
 
 
 def setting_of(record: RunRecord) -> str:
@@ -117,6 +179,15 @@ def _fmt_metric(value: float, metric: str) -> str:
     if math.isnan(value):
         return "n/a"
     return f"{100 * value:.2f}" if metric in _PERCENT else f"{value:.4f}"
+
+
+def _fmt_delta(value: float, metric: str, *, signed: bool = True, unit: bool = True) -> str:
+    """A difference of ``metric`` values scaled as the table scales the metric: ``"+1.25 points"``
+    for a percent metric, ``"+0.0125 recall@1"`` otherwise (without the unit: ``unit=False``)."""
+    sign = "+" if signed else ""
+    if metric in _PERCENT:
+        return f"{100 * value:{sign}.2f}" + (" points" if unit else "")
+    return f"{value:{sign}.4f}" + (f" {metric}" if unit else "")
 
 
 def _pm(mean: float, std: float, metric: str) -> str:
@@ -271,6 +342,185 @@ def win_matrix(
     return wm
 
 
+# ----------------------------------------------------------------------------- claims
+@dataclass(frozen=True)
+class Claim:
+    """The verdict on one claim: ``verdict`` is one of :data:`VERDICTS`, ``evidence`` one line with
+    the numbers (scaled as in the table), ``data`` the numbers behind it per setting, in units of
+    the metric (not scaled to points)."""
+
+    name: str
+    verdict: str
+    evidence: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+def _range_text(deltas: Sequence[tuple[float, str]]) -> str:
+    """Mean and range of per-setting differences ``(value, metric)``, one part per unit (percent
+    metrics together, in points): ``"mean -1.50 points (-5.00 to +2.00)"``."""
+    by_unit: dict[str, list[tuple[float, str]]] = {}
+    for v, m in deltas:
+        by_unit.setdefault("%" if m in _PERCENT else m, []).append((v, m))
+    parts = []
+    for vals in by_unit.values():
+        m, xs = vals[0][1], [v for v, _ in vals]
+        parts.append(f"mean {_fmt_delta(statistics.fmean(xs), m)} "
+                     f"({_fmt_delta(min(xs), m, unit=False)} to {_fmt_delta(max(xs), m, unit=False)})")
+    return "; ".join(parts)
+
+
+def _claim_wasam(records: Sequence[RunRecord], rows: Mapping[tuple[str, str], Mapping[str, Any]]
+                 ) -> Claim:
+    name = "WASAM ≥ max(SAM, SWA)"
+    comp = Comparison("sam_sgd+swa", ("sam_sgd", "sgd+swa"))
+    wm = win_matrix(records, [comp])
+    k, n = wm.counts()[comp.name]
+    if n == 0:
+        return Claim(name, "not measured", "no setting has sam_sgd+swa, sam_sgd and sgd+swa")
+    margins = {s: wm.margins[(comp.name, s)] for s in wm.settings if (comp.name, s) in wm.margins}
+    frac = k / n
+    verdict = ("yes" if frac >= WASAM_YES_FRACTION else "no" if frac < WASAM_NO_FRACTION
+               else "unclear")
+    deltas = [(v, rows[(s, comp.a)]["metric"]) for s, v in margins.items()]
+    return Claim(name, verdict,
+                 f"{k} of {n} settings (paper: 39/42); margin over the better of SAM and SWA: "
+                 f"{_range_text(deltas)}",
+                 {"k": k, "n": n, "margins": margins})
+
+
+def _claim_msam(groups: Mapping[str, Mapping[str, Sequence[RunRecord]]]) -> Claim:
+    name = "Monge-SAM is more robust to rho than SAM"
+    opts = ("sam_sgd", "msam_sgd")
+    spreads: dict[str, dict[str, float]] = {}
+    rhos: dict[str, dict[str, list[float]]] = {}
+    parts = []
+    for setting, by_label in groups.items():
+        pts = _rho_points((r for recs in by_label.values() for r in recs), only_rho=True)
+        means = {o: {rho: m for rho, vals in pts.get(o, {}).items()
+                     if not math.isnan(m := _mean_std(vals)[0])} for o in opts}
+        if any(len(means[o]) < MSAM_MIN_RHOS for o in opts):
+            continue
+        metric = next(iter(by_label.values()))[0].metric
+        spreads[setting] = {o: max(means[o].values()) - min(means[o].values()) for o in opts}
+        rhos[setting] = {o: sorted(means[o]) for o in opts}
+        sp, rh = spreads[setting], rhos[setting]
+        parts.append(
+            f"{setting}: SAM {_fmt_delta(sp['sam_sgd'], metric, signed=False)} over rho "
+            f"{rh['sam_sgd'][0]:g}–{rh['sam_sgd'][-1]:g}, Monge-SAM "
+            f"{_fmt_delta(sp['msam_sgd'], metric, signed=False)} over rho "
+            f"{rh['msam_sgd'][0]:g}–{rh['msam_sgd'][-1]:g}")
+    if not spreads:
+        return Claim(name, "not measured", f"no setting has sam_sgd and msam_sgd each run with "
+                     f"at least {MSAM_MIN_RHOS} values of rho")
+    smaller = sum(sp["msam_sgd"] < sp["sam_sgd"] - _EPS for sp in spreads.values())
+    larger = sum(sp["msam_sgd"] > sp["sam_sgd"] + _EPS for sp in spreads.values())
+    n = len(spreads)
+    verdict = "yes" if smaller == n else "no" if larger == n else "unclear"
+    return Claim(name, verdict,
+                 f"spread of the mean over rho (best - worst) smaller for Monge-SAM in {smaller} of "
+                 f"{n} settings: " + "; ".join(parts),
+                 {"spreads": spreads, "rhos": rhos})
+
+
+def _claim_esam(rows: Mapping[tuple[str, str], Mapping[str, Any]], settings: Sequence[str]
+                ) -> Claim:
+    name = "ESAM costs less than SAM (paper: ~1.4x SGD)"
+    per: dict[str, dict[str, Any]] = {}
+    for s in settings:
+        sam, esam = rows.get((s, "sam_sgd")), rows.get((s, "esam_sgd"))
+        if sam is None or esam is None:
+            continue
+        vals = {"esam_ratio": esam["time_ratio"], "sam_ratio": sam["time_ratio"],
+                "diff": esam["test_mean"] - sam["test_mean"]}
+        if not any(math.isnan(v) for v in vals.values()):  # time ratios are NaN without sgd
+            per[s] = {**vals, "metric": esam["metric"]}
+    if not per:
+        return Claim(name, "not measured",
+                     "no setting has sgd, sam_sgd and esam_sgd (with step times and test metrics)")
+    n = len(per)
+    cheaper = sum(v["esam_ratio"] < v["sam_ratio"] for v in per.values())
+    close = sum(v["diff"] >= -ESAM_TOLERANCE - _EPS for v in per.values())
+    verdict = ("yes" if cheaper == n and close > ESAM_MOST_FRACTION * n
+               else "no" if cheaper == 0 else "unclear")
+
+    def ratios(key: str) -> str:
+        xs = [v[key] for v in per.values()]
+        return f"median {statistics.median(xs):.2f}x ({min(xs):.2f}x to {max(xs):.2f}x)"
+
+    return Claim(name, verdict,
+                 f"time per step vs sgd: ESAM {ratios('esam_ratio')}, SAM {ratios('sam_ratio')}; "
+                 f"ESAM cheaper than SAM in {cheaper} of {n} settings, at most "
+                 f"{100 * ESAM_TOLERANCE:g} point(s) below SAM in {close} of {n}; ESAM - SAM: "
+                 + _range_text([(v["diff"], v["metric"]) for v in per.values()]),
+                 {"settings": per, "cheaper": cheaper, "close": close, "n": n})
+
+
+def _claim_lets(groups: Mapping[str, Mapping[str, Sequence[RunRecord]]]) -> Claim:
+    name = "LETS ≥ best fixed rho"
+    per: dict[str, dict[str, dict[str, Any]]] = {}
+    parts, oks = [], []
+    seen = False
+    for setting, by_label in groups.items():
+        pts = _rho_points((r for recs in by_label.values() for r in recs), only_rho=True)
+        for label, recs in by_label.items():
+            lets = [r for r in recs if _is_lets(r)]
+            if not lets:
+                continue
+            seen = True
+            opt, metric = lets[0].spec.optimizer, lets[0].metric
+            fixed = {rho: m for rho, vals in sorted(pts.get(opt, {}).items())
+                     if not math.isnan(m := _mean_std(vals)[0])}
+            mean = _mean_std([r.test_at_best for r in lets])[0]
+            if not fixed or math.isnan(mean):
+                continue
+            best_rho = max(fixed, key=fixed.__getitem__)  # ties: the smallest rho
+            best = fixed[best_rho]
+            sweep = len(fixed) >= LETS_MIN_RHOS
+            gap = mean - best
+            oks.append(gap >= -LETS_TOLERANCE - _EPS)
+            per.setdefault(setting, {})[label] = {
+                "lets": mean, "best": best, "best_rho": best_rho, "rhos": list(fixed),
+                "sweep": sweep, "gap": gap, "metric": metric}
+            where = (f"best of {opt} over {len(fixed)} rho in {min(fixed):g}–{max(fixed):g}, at "
+                     f"rho={best_rho:g}" if sweep else f"no rho sweep: {opt} at rho={best_rho:g}")
+            parts.append(f"{setting}: {label} {_fmt_metric(mean, metric)} vs "
+                         f"{_fmt_metric(best, metric)} ({where}), {_fmt_delta(gap, metric)}")
+    if not oks:
+        why = ("LETS runs but no fixed-rho run of the same optimizer in their settings" if seen
+               else "no LETS runs (records with hparams['lets'])")
+        return Claim(name, "not measured", why)
+    n, k = len(oks), sum(oks)
+    verdict = "yes" if k == n else "no" if k == 0 else "unclear"
+    return Claim(name, verdict,
+                 f"LETS at most {100 * LETS_TOLERANCE:g} point(s) below the best fixed rho in {k} "
+                 f"of {n} (setting, label) pairs: " + "; ".join(parts),
+                 {"settings": per, "k": k, "n": n})
+
+
+def claims(records: Iterable[RunRecord]) -> list[Claim]:
+    """Verdicts on the papers' claims, from the means over seeds of the test metric at the
+    validation-chosen epoch (and of the time per step), per setting: WASAM ≥ max(SAM, SWA),
+    Monge-SAM more robust to ``rho`` than SAM, ESAM cheaper than SAM, LETS ≥ the best fixed
+    ``rho``. The rules and thresholds are in the module docstring; a claim whose runs are
+    missing is ``"not measured"``."""
+    recs = list(records)
+    groups = _groups(recs)
+    rows = {(row["setting"], row["optimizer"]): row for row in summary_table(recs)}
+    return [_claim_wasam(recs, rows), _claim_msam(groups), _claim_esam(rows, list(groups)),
+            _claim_lets(groups)]
+
+
+def format_claims(items: Sequence[Claim]) -> str:
+    """Markdown bullets, one per claim: ``- **name**: verdict — evidence``."""
+    if not items:
+        return "_no claims_"
+    return "\n".join(f"- **{c.name}**: {c.verdict} — {c.evidence}" for c in items)
+
+
 # ----------------------------------------------------------------------------- plots
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "plot"
@@ -342,22 +592,39 @@ def _plot_time(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mpl: tu
     return made
 
 
+def _is_lets(record: RunRecord) -> bool:
+    """Whether a record is a LETS run: its ``spec.hparams`` has a ``"lets"`` key (the LETS options,
+    possibly ``{}``; ``None`` or ``False`` there mean no LETS)."""
+    value = record.spec.hparams.get("lets")
+    return "lets" in record.spec.hparams and value is not None and value is not False
+
+
+def _rho_points(records: Iterable[RunRecord], *, only_rho: bool = False
+                ) -> dict[str, dict[float, list[float]]]:
+    """optimizer (registry name) -> ``rho`` -> test metrics at the val-chosen epoch, of the records
+    with a known ``rho`` (:func:`_rho`), LETS runs excluded (their ``rho`` is only the start).
+    ``only_rho``: keep only the records whose ``hparams`` set nothing but ``rho`` (a clean sweep:
+    the default-``rho`` run and its ``[rho=x]`` variants)."""
+    out: dict[str, dict[float, list[float]]] = {}
+    for r in records:
+        if _is_lets(r) or (only_rho and set(r.spec.hparams) - {"rho"}):
+            continue
+        rho = _rho(r)
+        if rho is not None:
+            out.setdefault(r.spec.optimizer, {}).setdefault(rho, []).append(r.test_at_best)
+    return out
+
+
 def _plot_rho(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mpl: tuple[Any, Any]
               ) -> list[tuple[str, Path]]:
     Figure, Canvas = mpl
     made = []
     for setting, by_label in groups.items():
-        by_opt: dict[str, dict[float, list[float]]] = {}
-        metric = "metric"
-        for recs in by_label.values():
-            for r in recs:
-                rho = _rho(r)
-                if rho is not None:
-                    by_opt.setdefault(r.spec.optimizer, {}).setdefault(rho, []).append(r.test_at_best)
-                    metric = r.metric
+        by_opt = _rho_points(r for recs in by_label.values() for r in recs)
         varied = {opt: pts for opt, pts in by_opt.items() if len(pts) >= 2}
         if not varied:
             continue
+        metric = next(iter(by_label.values()))[0].metric
         fig, ax = _new_figure(Figure)
         positive = True
         for opt, pts in varied.items():
@@ -371,6 +638,61 @@ def _plot_rho(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mpl: tup
         made.append(_finish(
             fig, ax, Canvas, setting, "rho", f"test {metric} at the val-chosen epoch",
             f"{setting}: test {metric} vs rho", out / f"rho_{_slug(setting)}.png",
+        ))
+    return made
+
+
+def _lets_curves(by_label: Mapping[str, Sequence[RunRecord]]
+                 ) -> dict[str, list[tuple[RunRecord, list[tuple[int, float]]]]]:
+    """label -> ``[(record, [(epoch, rho), ...]), ...]`` for the LETS runs of one setting: the
+    learned ``rho`` at the end of each epoch (1-based), from ``stats_history[i]["rho"]``; epochs
+    without a finite one are skipped, runs and labels left with none are dropped."""
+    out: dict[str, list[tuple[RunRecord, list[tuple[int, float]]]]] = {}
+    for label, recs in by_label.items():
+        for r in recs:
+            if not _is_lets(r):
+                continue
+            pts = []
+            for i, stats in enumerate(r.stats_history):
+                v = stats.get("rho") if isinstance(stats, Mapping) else None
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    pts.append((i + 1, float(v)))
+            if pts:
+                out.setdefault(label, []).append((r, pts))
+    return out
+
+
+def _plot_lets(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mpl: tuple[Any, Any]
+               ) -> list[tuple[str, Path]]:
+    Figure, Canvas = mpl
+    made = []
+    for setting, by_label in groups.items():
+        curves = _lets_curves(by_label)
+        if not curves:
+            continue
+        fig, ax = _new_figure(Figure)
+        positive = True
+        starts: dict[float, str] = {}  # starting rho -> colour of the first label that used it
+        for i, (label, runs) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            for j, (r, pts) in enumerate(runs):
+                ax.plot([e for e, _ in pts], [x for _, x in pts], color=color, linewidth=0.8,
+                        marker="o", markersize=2, label=f"{label} (n={len(runs)})" if j == 0 else None)
+                positive = positive and all(x > 0 for _, x in pts)
+                rho0 = _rho(r)
+                if rho0 is not None:
+                    starts.setdefault(rho0, color)
+        for rho0, color in starts.items():
+            ax.axhline(rho0, color=color, linestyle="--", linewidth=1, label=f"start rho={rho0:g}")
+            positive = positive and rho0 > 0
+        if positive:
+            ax.set_yscale("log")
+        from matplotlib.ticker import MaxNLocator  # matplotlib is there: mpl came from it
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        made.append(_finish(
+            fig, ax, Canvas, setting, "epoch", "rho learned by LETS (end of epoch)",
+            f"{setting}: LETS radius per epoch", out / f"lets_{_slug(setting)}.png",
         ))
     return made
 
@@ -411,8 +733,8 @@ def write_report(
     """Write ``out_dir/report.md`` (and PNG plots next to it) and return its path.
 
     The report has the :func:`summary_table`, the :func:`win_matrix` with its k-of-n counts, the
-    plots (see the module docstring; skipped with a note when matplotlib is missing or
-    ``plots=False``) and a list of diverged runs."""
+    :func:`claims`, the plots (see the module docstring; skipped with a note when matplotlib is
+    missing or ``plots=False``) and a list of diverged runs."""
     recs = list(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +769,17 @@ def write_report(
     if wm.comparisons:
         k, n = wm.total()
         md += [f"- all comparisons: {k} of {n}", ""]
-    md += ["## Plots", ""]
+    md += [
+        "## Claims",
+        "",
+        "Verdicts (yes / no / unclear / not measured) on the means above; rules and thresholds in "
+        "`flatminima.bench.report`. Differences are in points for percent metrics.",
+        "",
+        format_claims(claims(recs)),
+        "",
+        "## Plots",
+        "",
+    ]
     if not plots:
         md.append("_plots not requested_")
     else:
@@ -459,7 +791,7 @@ def write_report(
             md.append(f"_plots skipped: {exc}_")
         else:
             made = _plot_time(groups, out, mpl) + _plot_rho(groups, out, mpl)
-            made += _plot_sharpness(groups, out, mpl)
+            made += _plot_sharpness(groups, out, mpl) + _plot_lets(groups, out, mpl)
             if not made:
                 md.append("_nothing to plot_")
             for caption, path in made:

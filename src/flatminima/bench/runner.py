@@ -21,20 +21,35 @@ The training loop is that of :mod:`flatminima.bench.quick`, for any task:
   with the standard closure (``task.loss`` forward and backward); optimizers with ``per_sample``
   (ESAM) get ``closure(select=None)`` returning ``task.sample_losses`` of the batch or of
   ``task.select(batch, select)`` when the task has ``per_sample``;
-* ``+swa`` names (SWA / WASAM) average once per epoch (``every`` = steps per epoch) from the epoch
+* ``+swa`` names (SWA / WASAM) average :data:`SWA_AVERAGES_PER_EPOCH` times per epoch (``every`` =
+  ``ceil(steps per epoch / SWA_AVERAGES_PER_EPOCH)`` steps, so that short budgets still average many
+  iterates; once per step on full-batch tasks) from the epoch
   boundary ``floor(start * epochs)`` (``start`` from the hparams, default 0.75; an int ``start`` is
   a step index), with ``total_steps`` = epochs x steps per epoch. Under a time budget the number of
   epochs is unknown up front: the base optimizer (``create`` of the name without ``+swa``) runs
   alone until the first epoch end where the training time reaches ``start`` x the budget (or where
   the next epoch, as long as the last, would end past the budget, so that at least one epoch is
-  averaged); it is then wrapped in :class:`~flatminima.optim.averaging.SWA` averaging at every later
-  epoch end (an int ``start``: from the first epoch end with that many steps).
+  averaged); it is then wrapped in :class:`~flatminima.optim.averaging.SWA`, averaging every
+  ``every`` steps from there (an int ``start``: from the first epoch end with that many steps).
   ``record.extra["swa"]`` keeps the schedule used.
   Once the average holds at least one iterate, every evaluation recomputes its BatchNorm statistics
   from the training batches (``update_bn``) and measures the averaged weights; before that, the
   live weights (``EpochRecord.averaged`` says which);
+* ``hparams["lets"]`` (a dict of :class:`~flatminima.optim.lets.LETS` options, ``{}`` for its
+  defaults) wraps a SAM-family optimizer in LETS, which learns ``rho`` from a validation closure
+  over :meth:`Task.val_batches` (the task's validation split, cycled in an order drawn from
+  ``seed + 1``; LETS's extra passes leave BN statistics and the RNG alone). Its validation
+  numbers are therefore not held out; its test numbers are, like every run's. The suites label
+  these runs ``"<name>+lets"``; each epoch's stats snapshot holds the learned ``rho``;
 * after every epoch: ``task.evaluate(model, "val")`` and ``"test"``, and a snapshot of
-  ``opt.stats`` when the optimizer has one.
+  ``opt.stats`` when the optimizer has one;
+* after training (``sharpness=True``, the default): the top eigenvalue of the Hessian of the
+  training loss of the final model (the averaged one for ``+swa``) in eval mode, on a fixed set of
+  training batches (the first :data:`SHARPNESS_SAMPLES` samples in the order of
+  ``Generator().manual_seed(0)``, the same for every run of a task), by Lanczos to a relative
+  residual of :data:`SHARPNESS_TOL` (:func:`~flatminima.sharpness.hessian_eigenvalues`);
+  ``record.extra["sharpness"]`` is the value and ``extra["sharpness_info"]`` how it was measured
+  (samples, Hessian-vector products, converged, seconds). It is not part of the training time.
 
 Budgets. ``{"epochs": n}`` runs exactly ``n`` epochs. ``{"seconds": s}`` runs until the training
 time (optimizer steps and batch preparation, not evaluation) reaches ``s`` at an epoch end: the
@@ -62,12 +77,15 @@ Peak memory (``RunRecord.peak_memory_bytes``, ``base_memory_bytes``, ``memory_me
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import re
 import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -76,6 +94,7 @@ import torch
 from torch import Tensor
 
 from ..optim.averaging import SWA
+from ..optim.lets import LETS
 from ..optim.registry import SWA_OPTIONS, create, optimizer_info
 from .quick import DEFAULT_OPTIMIZERS, DEFAULT_RHO, optimizer_step
 from .store import EpochRecord, RunRecord, RunSpec, Store
@@ -83,6 +102,8 @@ from .tasks import TASKS, Task, TaskUnavailable
 
 __all__ = [
     "DEFAULT_SUITE_OPTIMIZERS",
+    "SHARPNESS_SAMPLES",
+    "SHARPNESS_TOL",
     "EpochRecord",
     "RunRecord",
     "RunSpec",
@@ -100,8 +121,15 @@ __all__ = [
 DEFAULT_SUITE_OPTIMIZERS: tuple[str, ...] = DEFAULT_OPTIMIZERS
 #: SWA's default start, as a fraction of the epochs (classic SWA: the last 25 %).
 DEFAULT_SWA_START = 0.75
+#: Iterates averaged per epoch by the ``+swa`` names (at most one per step).
+SWA_AVERAGES_PER_EPOCH = 10
 #: Momentum of the SGD base.
 SGD_MOMENTUM = 0.9
+#: Training samples (at least; whole batches) of the final sharpness measurement.
+SHARPNESS_SAMPLES = 256
+#: Relative Lanczos residual of the final sharpness measurement (and its iteration cap).
+SHARPNESS_TOL = 1e-3
+SHARPNESS_MAX_ITER = 60
 
 Progress = Callable[[str], None]
 
@@ -281,6 +309,8 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return _batch_len(next(iter(batch.values())))
     n = getattr(batch, "num_graphs", None) or getattr(batch, "batch_size", None)
+    if not (isinstance(n, int) and n > 0) and hasattr(batch, "__len__"):
+        n = len(batch)  # e.g. a graph task's NodeBatch: its nodes
     return int(n) if isinstance(n, int) and n > 0 else 1
 
 
@@ -379,6 +409,95 @@ def _swa_due(start: float | int, train_s: float, epoch_s: float, seconds: float,
     return steps >= start
 
 
+def _lets_options(value: Any, info: Any) -> dict[str, Any] | None:
+    """The LETS options of ``hparams["lets"]`` (``None``: no LETS; ``True`` or ``{}``: defaults),
+    checked against the optimizer it would wrap."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"hparams['lets'] must be a dict of LETS options or true, got {value!r}")
+    if info.family == "base" or info.averaging:
+        raise ValueError(
+            f"LETS wraps a SAM-family optimizer without averaging, not {info.name!r} "
+            "(use e.g. sam_sgd, msam_sgd or esam_sgd)"
+        )
+    return dict(value)
+
+
+def _val_closure(task: Task, model: torch.nn.Module, device: torch.device, seed: int
+                 ) -> Callable[[], Tensor]:
+    """LETS's validation closure: the loss of the next validation batch (the split is cycled,
+    reshuffled with a generator seeded ``seed`` at each pass), with its backward."""
+    gen = torch.Generator().manual_seed(seed)
+    batches: Iterator[Any] = iter(())
+
+    def next_batch() -> Any:
+        nonlocal batches
+        for _ in range(2):
+            try:
+                return next(batches)
+            except StopIteration:
+                batches = iter(task.val_batches(gen))
+        raise RuntimeError(f"task {task.name!r} has an empty validation split")
+
+    def val_closure() -> Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = task.loss(model, _to_device(next_batch(), device))
+        loss.backward()
+        return loss
+
+    return val_closure
+
+
+def _sharpness_batches(task: Task, device: torch.device) -> list[Any]:
+    """The fixed training batches of the sharpness measurement (:data:`SHARPNESS_SAMPLES`)."""
+    batches, n = [], 0
+    for batch in task.train_batches(torch.Generator().manual_seed(0)):
+        batches.append(_to_device(batch, device))
+        n += _batch_len(batch)
+        if n >= SHARPNESS_SAMPLES:
+            break
+    return batches
+
+
+def _final_sharpness(task: Task, model: torch.nn.Module, opt: Any, device: torch.device, seed: int
+                     ) -> dict[str, Any]:
+    """``{"sharpness": top Hessian eigenvalue, "sharpness_info": {...}}`` of the final model (the
+    averaged weights of an SWA run, with their recomputed BN statistics)."""
+    from ..sharpness import hessian_eigenvalues
+
+    t0 = time.perf_counter()
+    batches = _sharpness_batches(task, device)
+
+    def measure() -> tuple[Any, Any]:
+        return hessian_eigenvalues(
+            model, task.loss, batches, k=1, seed=0, mode="eval", tol=SHARPNESS_TOL,
+            max_iter=SHARPNESS_MAX_ITER, return_info=True,
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a non-converged value is reported in the info
+        if isinstance(opt, SWA) and opt.n_averaged > 0:
+            train = (_to_device(b, device) for b in
+                     task.train_batches(torch.Generator().manual_seed(seed)))
+            opt.update_bn(train, lambda m, b: task.loss(m, b))
+            with opt.swapped():
+                values, info = measure()
+        else:
+            values, info = measure()
+    return {
+        "sharpness": float(values[0]),
+        "sharpness_info": {
+            "measure": "hessian_top_eigenvalue", "mode": "eval",
+            "samples": sum(_batch_len(b) for b in batches), "matvecs": int(info.matvecs),
+            "converged": bool(info.converged), "averaged": isinstance(opt, SWA) and opt.n_averaged > 0,
+            "seconds": time.perf_counter() - t0,
+        },
+    }
+
+
 def _fmt(value: Any) -> str:
     try:
         return f"{float(value):.4f}"
@@ -395,6 +514,7 @@ def run_one(
     device: str | torch.device | None = None,
     threads: int | None = None,
     prefix: str = "",
+    sharpness: bool = True,
 ) -> RunRecord:
     """Train one run and return its record (also written to ``store`` when given, once finished).
 
@@ -406,6 +526,8 @@ def run_one(
         device: where to train (default CPU); the task's tensors and every batch are moved there.
         threads: ``torch.set_num_threads`` for the run (restored after); ``None`` keeps it.
         prefix: put before every progress line (the sweep's ``"[3/40] "``).
+        sharpness: measure the final model's top Hessian eigenvalue into ``extra["sharpness"]``
+            (see the module docstring; skipped for a diverged run).
 
     Raises ``KeyError`` for an unknown task or optimizer, :class:`TaskUnavailable` when the task's
     data is missing. Nothing is stored when the run raises or is interrupted.
@@ -438,10 +560,11 @@ def run_one(
             spe = int(task.steps_per_epoch())
             kwargs = optimizer_kwargs(task, info.name, spec.hparams)
             extra: dict[str, Any] = {}
+            lets_opts = _lets_options(kwargs.pop("lets", None), info)
             swa_pending: dict[str, Any] | None = None  # time budget: wrap once averaging is due
             if info.averaging:
                 start = kwargs.pop("start", DEFAULT_SWA_START)
-                every = kwargs.pop("every", spe)
+                every = kwargs.pop("every", -(-spe // SWA_AVERAGES_PER_EPOCH))
                 if spec.epochs is not None:
                     kwargs.pop("total_steps", None)
                     start_step = _swa_start_step(start, spec.epochs, spe)
@@ -457,6 +580,12 @@ def run_one(
                     kwargs.update(start=start, every=every, **swa_kw)
             else:
                 opt = create(info.name, model.parameters(), **kwargs)
+            step_info = info
+            if lets_opts is not None:
+                opt = LETS(opt, _val_closure(task, model, dev, spec.seed + 1), **lets_opts)
+                extra["lets"] = dict(lets_opts)
+                if lets_opts.get("estimator") == "exact":  # needs the per-sample training closure
+                    step_info = dataclasses.replace(info, per_sample=True)
 
             current: dict[str, Any] = {}
 
@@ -502,7 +631,7 @@ def run_one(
                     for batch in task.train_batches(gen):
                         current["batch"] = _to_device(batch, dev)
                         t0 = time.perf_counter_ns()
-                        loss = optimizer_step(opt, info, closure, per_sample)
+                        loss = optimizer_step(opt, step_info, closure, per_sample)
                         if sync:
                             torch.cuda.synchronize(dev)
                         step_ns.append(time.perf_counter_ns() - t0)
@@ -549,11 +678,14 @@ def run_one(
                 ):
                     sw = dict(swa_pending)
                     del sw["start"]
-                    opt = SWA(opt, model, start=0, **sw)  # averages at the end of every later epoch
+                    opt = SWA(opt, model, start=0, **sw)  # averages every `every` steps from now
                     extra["swa"] = {"start_step": len(step_ns), "start_epoch": epoch + 1,
                                     "every": sw["every"]}
                     swa_pending = None
             peak = meter.stop()
+            if sharpness and epochs and "diverged" not in extra:
+                with torch.random.fork_rng(devices=rng_devices):
+                    extra.update(_final_sharpness(task, model, opt, dev, spec.seed))
     finally:
         torch.set_num_threads(old_threads)
 
@@ -642,6 +774,8 @@ def run_sweep(
     device: str | torch.device | None = None,
     threads: int | None = None,
     errors: str = "raise",
+    jobs: int = 1,
+    sharpness: bool = True,
 ) -> SweepResult:
     """Run every spec whose key ``store`` does not hold yet, putting each record as it finishes.
 
@@ -652,48 +786,148 @@ def run_sweep(
     (``errors="raise"``) or is reported and skipped (``errors="skip"``; not stored, so retried on
     the next sweep).
 
+    ``jobs > 1`` trains that many runs at a time in worker processes (``spawn``ed, each writing
+    its finished records to the same database file; ``threads`` defaults to the CPU count divided
+    by ``jobs``). Records come back in the order of ``specs`` either way; with ``errors="raise"`` the
+    first failure cancels the runs not started and raises ``RuntimeError`` with the worker's error.
+
     ``progress`` gets lines such as ``"[3/40] digits-mlp sam_sgd seed 1: epoch 4/10 ..."`` and
-    ``"[3/40] digits-mlp sam_sgd seed 1: done, test accuracy 0.9600 at epoch 9 (12.3 s)"``.
+    ``"[3/40] digits-mlp sam_sgd seed 1: done, test accuracy 0.9600 at epoch 9 (12.3 s)"`` (with
+    ``jobs > 1`` the per-epoch lines are printed to stderr by the workers, and only when
+    ``progress`` is a :class:`TextProgress` with ``epochs=True``).
     """
     if errors not in ("raise", "skip"):
         raise ValueError(f"invalid errors={errors!r} (must be 'raise' or 'skip')")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"invalid jobs: {jobs!r} (must be an int >= 1)")
+    if jobs > 1 and str(store.path) == ":memory:":
+        raise ValueError("jobs > 1 needs a database file that the worker processes can open, not ':memory:'")
     todo = list(_dedupe(specs))
     say = progress or (lambda line: None)
     result = SweepResult()
     unavailable: dict[str, str] = {}
+    done: dict[str, RunRecord] = {}
     total = len(todo)
+    pending: list[tuple[str, str, RunSpec]] = []
     for i, (key, spec) in enumerate(todo, 1):
         prefix = f"[{i}/{total}] "
         stored = store.get(key)
         if stored is not None:
             result.skipped.append(key)
-            result.records.append(stored)
+            done[key] = stored
             say(f"{prefix}{spec.describe()}: already done, skipped")
             continue
-        if spec.task in unavailable:
-            result.unavailable[key] = unavailable[spec.task]
+        why = unavailable.get(spec.task)
+        if why is None and spec.task in TASKS:
+            reason = TASKS[spec.task].availability()
+            if reason is not None:
+                why = unavailable[spec.task] = f"{spec.task}: {reason}"
+                say(f"{prefix}{spec.describe()}: unavailable ({why}), skipped")
+        elif why is not None:
             say(f"{prefix}{spec.describe()}: unavailable, skipped")
+        if why is not None:
+            result.unavailable[key] = why
             continue
-        try:
-            record = run_one(spec, store=store, progress=say, device=device, threads=threads,
-                             prefix=prefix)
-        except TaskUnavailable as exc:
-            unavailable[spec.task] = str(exc)
-            result.unavailable[key] = str(exc)
-            say(f"{prefix}{spec.describe()}: unavailable ({exc}), skipped")
-            continue
-        except Exception as exc:
-            if errors == "raise":
-                raise
-            result.failed[key] = f"{type(exc).__name__}: {exc}"
-            say(f"{prefix}{spec.describe()}: failed ({type(exc).__name__}: {exc})")
-            continue
+        pending.append((key, prefix, spec))
+
+    def finished(key: str, prefix: str, spec: RunSpec, record: RunRecord) -> None:
         result.ran.append(key)
-        result.records.append(record)
+        done[key] = record
         note = f", diverged: {record.extra['diverged']}" if "diverged" in record.extra else ""
         say(
             f"{prefix}{spec.describe()}: done, test {record.metric} {_fmt(record.test_at_best)} "
             f"at epoch {record.best_epoch}/{record.epochs_run}, {record.ms_per_step:.3f} ms/step "
             f"({record.total_seconds:.1f} s){note}"
         )
+
+    def failed(key: str, prefix: str, spec: RunSpec, error: str) -> None:
+        result.failed[key] = error
+        say(f"{prefix}{spec.describe()}: failed ({error})")
+
+    if jobs == 1 or len(pending) <= 1:
+        for key, prefix, spec in pending:
+            if spec.task in unavailable:
+                result.unavailable[key] = unavailable[spec.task]
+                say(f"{prefix}{spec.describe()}: unavailable, skipped")
+                continue
+            try:
+                record = run_one(spec, store=store, progress=say, device=device, threads=threads,
+                                 prefix=prefix, sharpness=sharpness)
+            except TaskUnavailable as exc:
+                unavailable[spec.task] = result.unavailable[key] = str(exc)
+                say(f"{prefix}{spec.describe()}: unavailable ({exc}), skipped")
+                continue
+            except Exception as exc:
+                if errors == "raise":
+                    raise
+                failed(key, prefix, spec, f"{type(exc).__name__}: {exc}")
+                continue
+            finished(key, prefix, spec, record)
+    else:
+        _parallel(pending, store, jobs, device, threads, progress, sharpness, errors,
+                  finished, failed, result, unavailable, say)
+    result.records = [done[k] for k, _ in todo if k in done]
     return result
+
+
+def _parallel(pending: list[tuple[str, str, RunSpec]], store: Store, jobs: int, device: Any,
+              threads: int | None, progress: Progress | None, sharpness: bool, errors: str,
+              finished: Callable[..., None], failed: Callable[..., None], result: SweepResult,
+              unavailable: dict[str, str], say: Progress) -> None:
+    """The ``jobs > 1`` part of :func:`run_sweep`."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    epoch_lines = isinstance(progress, TextProgress) and progress.epochs
+    dev = None if device is None else str(device)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads run
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    futures = {
+        pool.submit(_pool_run, spec.to_dict(), str(store.path), dev, threads, prefix, epoch_lines,
+                    sharpness): (key, prefix, spec)
+        for key, prefix, spec in pending
+    }
+    try:
+        for fut in cf.as_completed(futures):
+            key, prefix, spec = futures[fut]
+            try:
+                status, message = fut.result()
+            except cf.CancelledError:
+                continue
+            except Exception as exc:  # the worker died (e.g. killed for memory)
+                status, message = "failed", f"{type(exc).__name__}: {exc}"
+            if status == "ok":
+                record = store.get(key)
+                if record is None:
+                    status, message = "failed", "the worker finished but its record is not in the database"
+                else:
+                    finished(key, prefix, spec, record)
+                    continue
+            if status == "unavailable":
+                unavailable[spec.task] = result.unavailable[key] = str(message)
+                say(f"{prefix}{spec.describe()}: unavailable ({message}), skipped")
+                continue
+            failed(key, prefix, spec, str(message))
+            if errors == "raise":
+                raise RuntimeError(f"{spec.describe()}: {message}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool_run(spec: dict[str, Any], db: str, device: str | None, threads: int, prefix: str,
+              epoch_lines: bool, sharpness: bool) -> tuple[str, str | None]:
+    """One run in a worker process of a parallel sweep: ``("ok", None)``, ``("unavailable", why)``
+    or ``("failed", error)``; the record goes to the database ``db``."""
+    run_spec = RunSpec.from_dict(spec)
+    progress = TextProgress(epochs=True) if epoch_lines else None
+    try:
+        with Store(db) as store:
+            run_one(run_spec, store=store, progress=progress, device=device, threads=threads,
+                    prefix=prefix, sharpness=sharpness)
+    except TaskUnavailable as exc:
+        return "unavailable", str(exc)
+    except Exception as exc:
+        return "failed", f"{type(exc).__name__}: {exc}"
+    return "ok", None

@@ -412,7 +412,14 @@ class MultipleFeaturesAlignmentTask(Task):
         return bounds
 
     def train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        pixels, fourier, labels = self.splits["train"]
+        return self._minibatches("train", generator)
+
+    def val_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return self._minibatches("val", generator)
+
+    def _minibatches(self, split: str, generator: torch.Generator
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        pixels, fourier, labels = self.splits[split]
         order = torch.randperm(labels.shape[0], generator=generator)
         for start, stop in self._batch_bounds(labels.shape[0]):
             idx = order[start:stop].to(labels.device)

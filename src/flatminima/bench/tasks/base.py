@@ -13,6 +13,8 @@ train with one loop:
   per-sample losses (``None`` support: losses that do not split per sample, e.g. contrastive ones,
   set ``per_sample = False``), and ``task.select(batch, rows)`` the sub-batch of the given rows, for
   ESAM's data selection;
+* ``task.val_batches(generator)`` are minibatches of the validation split, shaped like training
+  batches (for methods that train on held-out data, e.g. LETS's validation closure);
 * ``task.evaluate(model, "val" | "test")`` returns metrics in eval mode (``task.metric`` is the primary
   one, higher is better); the validation split always comes from the training data;
 * ``task.hparams`` are the task's default optimizer settings (base learning rate, weight decay,
@@ -88,6 +90,12 @@ class Task(abc.ABC):
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         """The scalar training loss of ``model`` on ``batch`` (mean over its samples)."""
 
+    def val_batches(self, generator: torch.Generator) -> Iterator[Any]:
+        """One pass over the validation split in minibatches shaped like :meth:`train_batches`'
+        (same batch size, order drawn from ``generator``, clean labels), for methods that learn
+        from held-out data (LETS's validation closure)."""
+        raise NotImplementedError(f"task {self.name!r} has no validation batches")
+
     def sample_losses(self, model: nn.Module, batch: Any) -> Tensor:
         """Per-sample training losses (1-D); their mean is :meth:`loss`."""
         raise NotImplementedError(f"task {self.name!r} has no per-sample losses")
@@ -155,11 +163,18 @@ class ClassificationTask(Task):
         return self.hparams.batch_size
 
     def train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        n = self.x_train.shape[0]
+        return self._minibatches(self.x_train, self.y_train, generator)
+
+    def val_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._minibatches(self.x_val, self.y_val, generator)
+
+    def _minibatches(self, x: Tensor, y: Tensor, generator: torch.Generator
+                     ) -> Iterator[tuple[Tensor, Tensor]]:
+        n = x.shape[0]
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield self.x_train[idx], self.y_train[idx]
+            yield x[idx], y[idx]
 
     def steps_per_epoch(self) -> int:
         return -(-self.x_train.shape[0] // self.batch_size)

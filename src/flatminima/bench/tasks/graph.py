@@ -689,6 +689,11 @@ class GraphTask(Task):
         order = torch.randperm(self.train_index.numel(), generator=generator)
         yield NodeBatch(self.train_index[order], self.y_train[order])
 
+    def val_batches(self, generator: torch.Generator) -> Iterator[NodeBatch]:
+        order = torch.randperm(self.val_index.numel(), generator=generator)
+        index = self.val_index[order]
+        yield NodeBatch(index, self.graph.labels[index])
+
     def steps_per_epoch(self) -> int:
         return 1
 
@@ -742,7 +747,7 @@ class WordNetVerbsTask(GraphTask):
     name = "wordnet-verbs-gcn"
     splits = {"tiny": (20, 500, 1000), "quick": (20, 1000, 5000), "full": (20, 1000, 5000)}
     hparams = TaskHParams(
-        lr=0.5, lr_adam=0.01, weight_decay=5e-4, batch_size=300, epochs_quick=100, epochs_full=200,
+        lr=0.5, lr_adam=0.01, weight_decay=5e-4, batch_size=300, epochs_quick=60, epochs_full=200,
         extra={"full_batch": True, "hidden": 64, "dropout": 0.5},
     )
 

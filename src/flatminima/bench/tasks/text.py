@@ -481,7 +481,7 @@ class RottenTomatoesTask(TextTask):
     num_classes = 2
     max_len = 48
     hparams = TaskHParams(
-        lr=0.2, lr_adam=1e-3, weight_decay=5e-4, batch_size=64, epochs_quick=15, epochs_full=30
+        lr=0.2, lr_adam=1e-3, weight_decay=5e-4, batch_size=64, epochs_quick=8, epochs_full=30
     )
 
     @classmethod
@@ -517,7 +517,7 @@ class BBCNewsTask(TextTask):
     #: the majority class); with std 1 it trains from the first epoch.
     init_std = 1.0
     hparams = TaskHParams(
-        lr=0.2, lr_adam=1e-3, weight_decay=5e-4, batch_size=32, epochs_quick=15, epochs_full=30
+        lr=0.2, lr_adam=1e-3, weight_decay=5e-4, batch_size=32, epochs_quick=8, epochs_full=30
     )
 
     @classmethod

@@ -46,14 +46,22 @@ def test_quick_suite_covers_every_task_and_optimizer_with_two_seeds():
     # seed-major, the suite's size and each task's quick epochs
     seeds = [s.seed for s in specs]
     assert seeds == sorted(seeds) and set(seeds) == {0, 1}
-    assert all(s.size == "quick" and s.epochs == TASKS[s.task].hparams.epochs_quick for s in specs)
+    timed = [s for s in specs if s.seconds is not None]
+    assert {(s.task, s.seconds) for s in timed} == {("mnist1d-cnn", 4.0), ("bbc-news-boe", 2.0),
+                                                      ("mfeat-clip", 2.0)}
+    assert {s.optimizer for s in timed} == {"sgd", "sam_sgd", "sgd+swa", "sam_sgd+swa"}
+    assert all(s.size == "quick" and s.epochs == TASKS[s.task].hparams.epochs_quick
+               for s in specs if s.seconds is None)
+    # an explicit budget replaces every study's
+    assert {s.epochs for s in suite_specs("quick", budget=2, studies=["time"])} == {2}
 
 
 def test_full_suite_has_more_seeds_noise_levels_and_radii():
     specs = suite_specs("full")
     assert {s.seed for s in specs} == {0, 1, 2}
     assert {s.label_noise for s in specs} == {0.0, 0.2, 0.4}
-    assert all(s.epochs == TASKS[s.task].hparams.epochs_full and s.size == "full" for s in specs)
+    assert all(s.epochs == TASKS[s.task].hparams.epochs_full and s.size == "full"
+               for s in specs if s.seconds is None)
     n_rho = len({s.hparams["rho"] for s in specs if s.optimizer == "msam_sgd" and "rho" in s.hparams})
     assert n_rho == 7
 
@@ -213,3 +221,29 @@ def test_parallel_sweep_reports_failures(tmp_path):
         assert res.ran == [_spec("sgd").key] and len(st) == 1
         with pytest.raises(RuntimeError, match="rho"):
             run_sweep([bad, _spec("sgd", seed=3)], st, threads=1, jobs=2, sharpness=False)
+
+
+def test_esam_on_a_task_without_per_sample_losses_says_so_in_the_record():
+    import warnings
+
+    spec = RunSpec("mfeat-clip", "esam_sgd", seed=0, budget={"epochs": 1}, size="tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the ESAM closure warning is replaced by the record's note
+        rec = run_one(spec, threads=1, sharpness=False)
+    assert rec.extra["data_selection"] == "off: the task has no per-sample losses"
+    assert rec.stats_history[-1]["selected"] == 1.0  # every sample used
+    with pytest.warns(UserWarning, match="ESAM got a standard closure"):  # outside the runner: warned
+        import flatminima
+        task = MultipleFeaturesAlignmentTask(size="tiny")
+        torch.manual_seed(0)
+        model = task.make_model()
+        opt = flatminima.create("esam_sgd", model.parameters(), lr=0.1)
+        batch = next(iter(task.train_batches(torch.Generator().manual_seed(0))))
+
+        def closure():
+            opt.zero_grad()
+            loss = task.loss(model, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)

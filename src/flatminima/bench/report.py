@@ -40,7 +40,7 @@ Records (:class:`~flatminima.bench.store.RunRecord`, e.g. ``Store(path).all()``)
   points for percent metrics (:data:`_PERCENT`) and unscaled otherwise, as the table does.
 * :func:`write_report`: ``report.md`` with the table, the win matrix, the claims and PNG plots (test
   metric vs training time per setting, test metric vs ``rho`` where an optimizer was run with
-  several, test error vs sharpness where records carry one in ``extra["sharpness"]``, and the
+  several, final test error vs sharpness where records carry one in ``extra["sharpness"]``, and the
   radius learned by LETS per epoch, one line per run, with its starting ``rho`` dashed) drawn with
   matplotlib when it is installed (otherwise the report says the plots were skipped).
 
@@ -703,18 +703,26 @@ def _plot_sharpness(groups: dict[str, dict[str, list[RunRecord]]], out: Path, mp
     made = []
     for setting, by_label in groups.items():
         pts = {
-            label: [(s, 1.0 - r.test_at_best) for r in recs if (s := _sharpness(r)) is not None]
+            # the sharpness is that of the final model, so its error is the last epoch's
+            label: [(s, 1.0 - r.final_test_metric) for r in recs if (s := _sharpness(r)) is not None]
             for label, recs in by_label.items()
         }
         pts = {k: v for k, v in pts.items() if v}
         if not pts:
             continue
-        metric = next(iter(by_label.values()))[0].metric
+        first = next(iter(by_label.values()))[0]
+        metric = first.metric
+        info = first.extra.get("sharpness_info")
+        xlabel = ("top Hessian eigenvalue of the final model"
+                  if isinstance(info, Mapping) and info.get("measure") == "hessian_top_eigenvalue"
+                  else "sharpness")
         fig, ax = _new_figure(Figure)
         for label, xy in pts.items():
             ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label, s=18)
+        if all(x > 0 for xy in pts.values() for x, _ in xy):
+            ax.set_xscale("log")
         made.append(_finish(
-            fig, ax, Canvas, setting, "sharpness", f"test error (1 - {metric})",
+            fig, ax, Canvas, setting, xlabel, f"final test error (1 - {metric})",
             f"{setting}: test error vs sharpness", out / f"sharpness_{_slug(setting)}.png",
         ))
     return made

@@ -77,6 +77,7 @@ Peak memory (``RunRecord.peak_memory_bytes``, ``base_memory_bytes``, ``memory_me
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -602,6 +603,20 @@ def run_one(
                 return task.sample_losses(model, batch)
 
             per_sample = sample_closure if task.per_sample else None
+            silence = info.per_sample and not task.per_sample
+            if silence:
+                # ESAM on a loss that does not split per sample (e.g. contrastive): said once in
+                # the record instead of a warning per run
+                extra["data_selection"] = "off: the task has no per-sample losses"
+
+            @contextlib.contextmanager
+            def quiet_step() -> Iterator[None]:
+                if not silence:
+                    yield
+                    return
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="ESAM got a standard closure")
+                    yield
 
             def evaluate() -> tuple[dict[str, float], dict[str, float], bool]:
                 with torch.random.fork_rng(devices=rng_devices):
@@ -631,7 +646,8 @@ def run_one(
                     for batch in task.train_batches(gen):
                         current["batch"] = _to_device(batch, dev)
                         t0 = time.perf_counter_ns()
-                        loss = optimizer_step(opt, step_info, closure, per_sample)
+                        with quiet_step():
+                            loss = optimizer_step(opt, step_info, closure, per_sample)
                         if sync:
                             torch.cuda.synchronize(dev)
                         step_ns.append(time.perf_counter_ns() - t0)

@@ -16,7 +16,10 @@ Studies (both suites; the full one with more seeds, noise levels and radii):
   (Monge-SAM's claim: robust to the choice of rho; the default-radius runs of ``main`` are a point
   of the same curves);
 * ``lets``: LETS around SAM started from a too-small and a too-large radius on the same tasks
-  (LETS's claims: at least as good as the best fixed rho, insensitive to the start).
+  (LETS's claims: at least as good as the best fixed rho, insensitive to the start);
+* ``time``: SGD, SAM, SWA and WASAM with the same wall-clock training time per task (SGD gets
+  about twice SAM's epochs): what does SAM buy at the cost of SGD's time? Wall-clock budgets make
+  these runs depend on the machine; the comparison within one sweep is fair.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class Study:
     tasks: tuple[str, ...] | None = None
     domains: tuple[str, ...] | None = None
     label_noise: float = 0.0
+    #: per-task budgets (anything :func:`~flatminima.bench.runner.parse_budget` reads, e.g. ``"8s"``)
+    #: instead of the suite's epochs; a task without an entry uses the suite's
+    budgets: tuple[tuple[str, str], ...] = ()
 
     def task_names(self) -> list[str]:
         """The registered tasks of the study, in registry order."""
@@ -87,6 +93,7 @@ class Suite:
 
 
 _RHO_TASKS = ("mfeat-clip", "mnist1d-mlp")
+_TIME_OPTIMIZERS: tuple[OptimizerEntry, ...] = ("sgd", "sam_sgd", "sgd+swa", "sam_sgd+swa")
 _NOISE_DOMAINS = ("vision", "text")
 
 SUITES: dict[str, Suite] = {
@@ -102,6 +109,9 @@ SUITES: dict[str, Suite] = {
                   _radii(("sam_sgd", "msam_sgd"), (0.01, 0.2, 0.5)), tasks=_RHO_TASKS),
             Study("lets", "does LETS find a radius as good as the best fixed one, from any start?",
                   _lets_from((0.01, 0.5)), tasks=_RHO_TASKS),
+            Study("time", "what does SAM buy at the cost of SGD's time?", _TIME_OPTIMIZERS,
+                  tasks=("mnist1d-cnn", "bbc-news-boe", "mfeat-clip"),
+                  budgets=(("mnist1d-cnn", "4s"), ("bbc-news-boe", "2s"), ("mfeat-clip", "2s"))),
         ),
     ),
     "full": Suite(
@@ -121,6 +131,9 @@ SUITES: dict[str, Suite] = {
                   tasks=_RHO_TASKS),
             Study("lets", "does LETS find a radius as good as the best fixed one, from any start?",
                   _lets_from((0.005, 0.01, 0.5, 1.0)), tasks=_RHO_TASKS),
+            Study("time", "what does SAM buy at the cost of SGD's time?", _TIME_OPTIMIZERS,
+                  tasks=("mnist1d-cnn", "bbc-news-boe", "mfeat-clip"),
+                  budgets=(("mnist1d-cnn", "20s"), ("bbc-news-boe", "6s"), ("mfeat-clip", "6s"))),
         ),
     ),
 }
@@ -138,8 +151,9 @@ def suite_specs(
     """The runs of ``suite`` (``"quick"`` or ``"full"``), seed-major and without duplicates.
 
     ``tasks`` keeps only those tasks (of every study that has them), ``studies`` only those
-    studies, ``seeds`` replaces the suite's; ``budget`` and ``size`` go to
-    :func:`~flatminima.bench.runner.make_specs` (default: the suite's epochs and data size).
+    studies, ``seeds`` replaces the suite's; ``budget`` (default: the study's budget of the task,
+    else the suite's epochs; given, it replaces every budget) and ``size`` (default: the suite's)
+    go to :func:`~flatminima.bench.runner.make_specs`.
     Unavailable tasks are kept (the sweep skips them with their message)."""
     from .runner import make_specs
 
@@ -157,9 +171,10 @@ def suite_specs(
     for seed in seed_list:
         for study in chosen:
             names = [n for n in study.task_names() if keep is None or n in keep]
-            if not names:
-                continue
-            for spec in make_specs(names, study.optimizers, [seed], suite=suite, budget=budget,
-                                   size=size, label_noise=study.label_noise):
-                out.setdefault(spec.key, spec)
+            own = dict(study.budgets)
+            for name in names:
+                b = own.get(name, budget) if budget is None else budget
+                for spec in make_specs([name], study.optimizers, [seed], suite=suite, budget=b,
+                                       size=size, label_noise=study.label_noise):
+                    out.setdefault(spec.key, spec)
     return list(out.values())

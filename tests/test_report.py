@@ -410,3 +410,72 @@ def test_claims_section_in_report(tmp_path):
     assert "- **Monge-SAM is more robust to rho than SAM**: not measured — " in text
     assert "- **ESAM costs less than SAM (paper: ~1.4x SGD)**: not measured — " in text
     assert "- **LETS ≥ best fixed rho**: not measured — no LETS runs" in text
+
+
+# ----------------------------------------------------------------------------- more claims
+def _with_spec(rec, **changes):
+    import dataclasses
+
+    return dataclasses.replace(rec, spec=dataclasses.replace(rec.spec, **changes))
+
+
+def _claim(records, name_start):
+    (c,) = [c for c in claims(records) if c.name.startswith(name_start)]
+    return c
+
+
+def test_claim_noise_compares_gains_over_sgd_with_the_clean_twin():
+    clean = {"sgd": 0.80, "sam_sgd": 0.85, "sgd+swa": 0.82}
+    noisy = {"sgd": 0.60, "sam_sgd": 0.70, "sgd+swa": 0.61}
+    recs = [_rec("task-a", o, 0, a) for o, a in clean.items()]
+    recs += [_with_spec(_rec("task-a", o, 0, a), label_noise=0.2) for o, a in noisy.items()]
+    c = _claim(recs, "Flat-minima methods gain more")
+    # SAM: +0.10 with noise vs +0.05 without (larger); SWA: +0.01 vs +0.02 (smaller): 1 of 2
+    assert (c.data["k"], c.data["n"], c.verdict) == (1, 2, "unclear")
+    pairs = {o: (ng, cg) for _, o, ng, cg in c.data["pairs"]}
+    assert pairs["sam_sgd"] == pytest.approx((0.10, 0.05)) and pairs["sgd+swa"] == pytest.approx((0.01, 0.02))
+    assert "1 of 2" in c.evidence and "+5.00 points" in c.evidence
+    only_sam = [r for r in recs if r.spec.optimizer != "sgd+swa"]
+    assert _claim(only_sam, "Flat-minima methods gain more").verdict == "yes"
+    assert _claim(recs[:3], "Flat-minima methods gain more").verdict == "not measured"
+
+
+def test_claim_equal_time_counts_settings_with_seconds_budgets():
+    def timed(task, opt, acc):
+        return _with_spec(_rec(task, opt, 0, acc), budget={"seconds": 5.0})
+
+    recs = [timed("task-a", "sgd", 0.80), timed("task-a", "sam_sgd", 0.85),
+            timed("task-b", "sgd", 0.70), timed("task-b", "sam_sgd", 0.60),
+            _rec("task-c", "sgd", 0, 0.5), _rec("task-c", "sam_sgd", 0, 0.9)]  # epochs: not counted
+    c = _claim(recs, "SAM beats SGD at equal")
+    assert (c.data["k"], c.data["n"], c.verdict) == (1, 2, "unclear")
+    assert sorted(c.data["diffs"].values()) == pytest.approx([-0.10, 0.05])
+    assert _claim(recs[:2], "SAM beats SGD at equal").verdict == "yes"
+    assert _claim(recs[2:4], "SAM beats SGD at equal").verdict == "no"
+    assert _claim(recs[4:], "SAM beats SGD at equal").verdict == "not measured"
+
+
+def test_spearman_against_hand_values():
+    from flatminima.bench.report import spearman
+
+    assert spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties averaged: ranks (1.5, 1.5, 3) against (1, 2, 3): 1.5 / sqrt(1.5 * 2)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3.0))
+    # monotone transforms do not change it
+    assert spearman([0.1, 5.0, 2.0, 9.0], [1, 3, 2, 4]) == pytest.approx(1.0)
+    assert math.isnan(spearman([1, 1], [1, 2])) and math.isnan(spearman([1], [1]))
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1])
+
+
+def test_claim_sharpness_is_the_within_setting_rank_correlation():
+    accs = [0.9, 0.85, 0.8, 0.75, 0.7]
+    up = [_rec("task-a", "sgd", i, a, sharpness=float(i + 1)) for i, a in enumerate(accs)]
+    c = _claim(up, "Flatter final models")
+    assert c.verdict == "yes" and c.data["correlations"] == {setting_of(up[0]): pytest.approx(1.0)}
+    down = [_rec("task-b", "sgd", i, a, sharpness=float(5 - i)) for i, a in enumerate(accs)]
+    assert _claim(down, "Flatter final models").verdict == "no"
+    both = _claim(up + down, "Flatter final models")
+    assert both.data["median"] == pytest.approx(0.0) and both.verdict == "no"
+    assert _claim(up[:4], "Flatter final models").verdict == "not measured"  # < 5 runs

@@ -20,6 +20,17 @@ Records (:class:`~flatminima.bench.store.RunRecord`, e.g. ``Store(path).all()``)
   - *WASAM ≥ max(SAM, SWA)*: settings where ``sam_sgd+swa`` ≥ max(``sam_sgd``, ``sgd+swa``)
     (the win matrix's rule), k of n (the paper: 39 of 42); "yes" when k/n ≥
     :data:`WASAM_YES_FRACTION`, "no" when k/n < :data:`WASAM_NO_FRACTION`.
+  - *Flat-minima methods gain more over SGD with label noise*: for each noisy setting whose clean
+    twin (same task, size and budget) was run, and each of ``sam_sgd``, ``sgd+swa``,
+    ``sam_sgd+swa``, whether its gain over ``sgd`` is larger with noise; "yes" / "no" at
+    :data:`MAJORITY_YES_FRACTION` / :data:`MAJORITY_NO_FRACTION` of the pairs.
+  - *SAM beats SGD at equal training time*: settings with a wall-clock budget where ``sam_sgd`` ≥
+    ``sgd``, with the same thresholds.
+  - *Flatter final models have lower test error*: per setting with at least
+    :data:`SHARPNESS_MIN_RUNS` runs carrying ``extra["sharpness"]``, Spearman's correlation
+    (:func:`spearman`) of the sharpness and the final test error over all its runs; "yes" when the
+    median is ≥ :data:`SHARPNESS_YES_CORRELATION` and positive in :data:`MAJORITY_YES_FRACTION`
+    of the settings, "no" when the median is ≤ 0.
   - *Monge-SAM is more robust to rho than SAM*: in settings where both ``sam_sgd`` and
     ``msam_sgd`` were run with at least :data:`MSAM_MIN_RHOS` values of ``rho``, the spread (best
     minus worst mean over ``rho``) of each; "yes" when Monge-SAM's is smaller in every such
@@ -69,7 +80,11 @@ __all__ = [
     "ESAM_TOLERANCE",
     "LETS_MIN_RHOS",
     "LETS_TOLERANCE",
+    "MAJORITY_NO_FRACTION",
+    "MAJORITY_YES_FRACTION",
     "MSAM_MIN_RHOS",
+    "SHARPNESS_MIN_RUNS",
+    "SHARPNESS_YES_CORRELATION",
     "VERDICTS",
     "WASAM_NO_FRACTION",
     "WASAM_YES_FRACTION",
@@ -81,6 +96,7 @@ __all__ = [
     "format_claims",
     "format_summary",
     "setting_of",
+    "spearman",
     "summary_table",
     "win_matrix",
     "write_report",
@@ -106,6 +122,14 @@ ESAM_MOST_FRACTION = 0.5
 LETS_TOLERANCE = 0.005
 #: LETS claim: distinct fixed ``rho`` values that make a sweep (fewer: "no rho sweep").
 LETS_MIN_RHOS = 2
+#: Share of comparisons above which "helps more with noise" / "SAM wins at equal time" is a yes,
+#: and below which it is a no.
+MAJORITY_YES_FRACTION = 0.75
+MAJORITY_NO_FRACTION = 0.5
+#: Median within-setting Spearman correlation of sharpness and final test error for a "yes".
+SHARPNESS_YES_CORRELATION = 0.3
+#: Fewest runs with a sharpness in a setting for its correlation to count.
+SHARPNESS_MIN_RUNS = 5
 #: Round-off absorbed by the claims' comparisons of means (as :func:`win_matrix`'s ``tol``).
 _EPS = 1e-9
 
@@ -501,16 +525,132 @@ def _claim_lets(groups: Mapping[str, Mapping[str, Sequence[RunRecord]]]) -> Clai
                  {"settings": per, "k": k, "n": n})
 
 
+def _verdict(k: int, n: int) -> str:
+    frac = k / n
+    return ("yes" if frac >= MAJORITY_YES_FRACTION else "no" if frac < MAJORITY_NO_FRACTION
+            else "unclear")
+
+
+def _claim_noise(rows: Mapping[tuple[str, str], Mapping[str, Any]], recs: Sequence[RunRecord]
+                 ) -> Claim:
+    name = "Flat-minima methods gain more over SGD with label noise"
+    # the clean setting of a noisy one: same task, size and budget
+    info: dict[str, tuple[tuple[str, str, str], float]] = {}
+    for r in recs:
+        s = r.spec
+        info[setting_of(r)] = ((s.task, s.size, s.budget_text()), s.label_noise)
+    clean = {key: st for st, (key, noise) in info.items() if noise == 0}
+    comps: list[tuple[str, str, float, float, str]] = []
+    for st, (key, noise) in info.items():
+        if noise == 0 or key not in clean:
+            continue
+        cst = clean[key]
+        for opt in ("sam_sgd", "sgd+swa", "sam_sgd+swa"):
+            need = [(st, opt), (st, "sgd"), (cst, opt), (cst, "sgd")]
+            if not all(k in rows for k in need):
+                continue
+            noisy_gain = rows[(st, opt)]["test_mean"] - rows[(st, "sgd")]["test_mean"]
+            clean_gain = rows[(cst, opt)]["test_mean"] - rows[(cst, "sgd")]["test_mean"]
+            if not (math.isnan(noisy_gain) or math.isnan(clean_gain)):
+                comps.append((st, opt, noisy_gain, clean_gain, rows[(st, opt)]["metric"]))
+    if not comps:
+        return Claim(name, "not measured", "no noisy setting with sgd and a flat-minima method "
+                     "next to its clean twin (same task, size and budget)")
+    k, n = sum(ng > cg + _EPS for _, _, ng, cg, _ in comps), len(comps)
+    by_opt = {}
+    for _, opt, ng, cg, m in comps:
+        by_opt.setdefault(opt, []).append((ng - cg, m))
+    detail = "; ".join(f"{opt}: gain with noise minus gain without {_range_text(d)}"
+                       for opt, d in by_opt.items())
+    return Claim(name, _verdict(k, n),
+                 f"the gain over SGD is larger with noise in {k} of {n} (setting, optimizer) pairs; "
+                 + detail,
+                 {"k": k, "n": n, "pairs": [(st, o, ng, cg) for st, o, ng, cg, _ in comps]})
+
+
+def _claim_equal_time(rows: Mapping[tuple[str, str], Mapping[str, Any]], recs: Sequence[RunRecord]
+                      ) -> Claim:
+    name = "SAM beats SGD at equal training time"
+    timed = list(dict.fromkeys(setting_of(r) for r in recs if r.spec.seconds is not None))
+    diffs = {st: (rows[(st, "sam_sgd")]["test_mean"] - rows[(st, "sgd")]["test_mean"],
+                  rows[(st, "sam_sgd")]["metric"])
+             for st in timed if (st, "sam_sgd") in rows and (st, "sgd") in rows}
+    diffs = {st: d for st, d in diffs.items() if not math.isnan(d[0])}
+    if not diffs:
+        return Claim(name, "not measured", "no wall-clock-budget setting with sgd and sam_sgd")
+    k, n = sum(d >= -_EPS for d, _ in diffs.values()), len(diffs)
+    return Claim(name, _verdict(k, n),
+                 f"SAM ≥ SGD with the same training time in {k} of {n} settings; SAM - SGD: "
+                 + _range_text(list(diffs.values())),
+                 {"k": k, "n": n, "diffs": {st: d for st, (d, _) in diffs.items()}})
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    """Ranks 1..n, ties averaged."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's on the tie-averaged ranks); NaN when either side
+    is constant or there are fewer than 2 points."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman: {len(xs)} x values but {len(ys)} y values")
+    if len(xs) < 2:
+        return math.nan
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def _claim_sharpness(groups: Mapping[str, Mapping[str, Sequence[RunRecord]]]) -> Claim:
+    name = "Flatter final models have lower test error"
+    corr: dict[str, float] = {}
+    for setting, by_label in groups.items():
+        pts = [(sh, 1.0 - r.final_test_metric) for recs in by_label.values() for r in recs
+               if (sh := _sharpness(r)) is not None and not math.isnan(r.final_test_metric)]
+        if len(pts) >= SHARPNESS_MIN_RUNS:
+            c = spearman([p[0] for p in pts], [p[1] for p in pts])
+            if not math.isnan(c):
+                corr[setting] = c
+    if not corr:
+        return Claim(name, "not measured", f"no setting with {SHARPNESS_MIN_RUNS} or more runs "
+                     "carrying a sharpness (extra['sharpness'])")
+    med = statistics.median(corr.values())
+    pos, n = sum(c > 0 for c in corr.values()), len(corr)
+    verdict = ("yes" if med >= SHARPNESS_YES_CORRELATION and pos >= MAJORITY_YES_FRACTION * n
+               else "no" if med <= 0 else "unclear")
+    return Claim(name, verdict,
+                 f"Spearman correlation of the top Hessian eigenvalue and the final test error over "
+                 f"the runs of a setting: median {med:+.2f} ({min(corr.values()):+.2f} to "
+                 f"{max(corr.values()):+.2f}), positive in {pos} of {n} settings",
+                 {"correlations": corr, "median": med})
+
+
 def claims(records: Iterable[RunRecord]) -> list[Claim]:
     """Verdicts on the papers' claims, from the means over seeds of the test metric at the
     validation-chosen epoch (and of the time per step), per setting: WASAM ≥ max(SAM, SWA),
-    Monge-SAM more robust to ``rho`` than SAM, ESAM cheaper than SAM, LETS ≥ the best fixed
-    ``rho``. The rules and thresholds are in the module docstring; a claim whose runs are
+    larger gains over SGD with label noise, SAM ≥ SGD at equal time, flatter final models with
+    lower test error, Monge-SAM more robust to ``rho`` than SAM, ESAM cheaper than SAM, LETS ≥ the
+    best fixed ``rho``. The rules and thresholds are in the module docstring; a claim whose runs are
     missing is ``"not measured"``."""
     recs = list(records)
     groups = _groups(recs)
     rows = {(row["setting"], row["optimizer"]): row for row in summary_table(recs)}
-    return [_claim_wasam(recs, rows), _claim_msam(groups), _claim_esam(rows, list(groups)),
+    return [_claim_wasam(recs, rows), _claim_noise(rows, recs), _claim_equal_time(rows, recs),
+            _claim_sharpness(groups), _claim_msam(groups), _claim_esam(rows, list(groups)),
             _claim_lets(groups)]
 
 

@@ -186,3 +186,24 @@ def test_text_progress(capsys):
     TextProgress(epochs=False)("[1/2] x: epoch 1/3 loss 1")
     TextProgress(epochs=False)("[1/2] x: done")
     assert capsys.readouterr().err == "[1/2] x: epoch 1/3 loss 1\n[1/2] x: done\n"
+
+
+def test_text_progress_bars():
+    import io
+
+    out = io.StringIO()
+    assert not TextProgress(out).bar  # not a terminal: line mode
+    bar = TextProgress(out, bar=True, width=4)
+    bar("[1/2] a sgd seed 0: epoch 1/4 loss 1")
+    assert out.getvalue() == "\r\033[Kruns [....] 0/2 | a sgd seed 0 [#...] epoch 1/4"
+    bar("[1/2] a sgd seed 0: epoch 3/4 loss 1")
+    assert out.getvalue().endswith("\r\033[Kruns [....] 0/2 | a sgd seed 0 [###.] epoch 3/4")
+    bar("[1/2] a sgd seed 0: done, test accuracy 0.9")  # the run's line stays, the bar moves on
+    assert out.getvalue().endswith("\r\033[K[1/2] a sgd seed 0: done, test accuracy 0.9\n"
+                                   "\r\033[Kruns [##..] 1/2")
+    bar("note: something else")
+    assert out.getvalue().endswith("\r\033[Knote: something else\nruns [##..] 1/2")
+    bar("[2/2] b sgd seed 0: epoch 2 (1.0/3 s) loss 1")  # a time budget: no epoch count
+    assert out.getvalue().endswith("| b sgd seed 0 epoch 2")
+    bar("[2/2] b sgd seed 0: already done, skipped")
+    assert out.getvalue().endswith("\r\033[Kruns [####] 2/2\n")

@@ -758,17 +758,65 @@ class SweepResult:
 
 
 class TextProgress:
-    """A progress callback printing each line to ``stream`` (default: stderr), flushed; with
-    ``epochs=False`` the per-epoch lines are dropped and only per-run lines are shown."""
+    """A progress callback printing to ``stream`` (default: stderr), flushed.
 
-    def __init__(self, stream: TextIO | None = None, *, epochs: bool = True) -> None:
+    Line mode (the default when the stream is not a terminal, e.g. a CI log): every line as it
+    comes; with ``epochs=False`` the per-epoch lines are dropped and only per-run lines are shown.
+
+    Bar mode (``bar=True``; the default on a terminal): the per-run lines (done, skipped, failed)
+    are printed and, below them, one status line redrawn in place with two bars: runs finished of
+    the sweep, and epochs of the run in progress, e.g.
+    ``runs [#####.....]  45/224 | mfeat-clip sam_sgd seed 0 [###.......] epoch 7/20``.
+    The lines are those :func:`run_sweep` and :func:`run_one` emit (``"[i/N] what: ..."``).
+    """
+
+    _LINE = re.compile(r"\[(\d+)/(\d+)\] (.*?): (epoch (\d+)(?:/(\d+))?|.*)")
+
+    def __init__(self, stream: TextIO | None = None, *, epochs: bool = True, bar: bool | None = None,
+                 width: int = 10) -> None:
         self.stream = stream
         self.epochs = epochs
+        out = stream if stream is not None else sys.stderr
+        self.bar = bool(bar) if bar is not None else bool(getattr(out, "isatty", lambda: False)())
+        self.width = width
+        self.finished = 0
+        self.total = 0
+        self._status = ""
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _meter(self, done: int, total: int) -> str:
+        filled = min(self.width, round(self.width * done / total)) if total > 0 else 0
+        return "[" + "#" * filled + "." * (self.width - filled) + "]"
 
     def __call__(self, line: str) -> None:
-        if not self.epochs and ": epoch " in line:
+        if not self.bar:
+            if not self.epochs and ": epoch " in line:
+                return
+            print(line, file=self._out(), flush=True)
             return
-        print(line, file=self.stream if self.stream is not None else sys.stderr, flush=True)
+        out = self._out()
+        m = self._LINE.match(line)
+        if m is None:  # not a sweep line: print it above the status line
+            print("\r\033[K" + line, file=out)
+            print(self._status, end="", file=out, flush=True)
+            return
+        self.total = int(m.group(2))
+        if m.group(5) is not None:  # an epoch of the run in progress
+            epoch, of = int(m.group(5)), m.group(6)
+            run = (f"{self._meter(epoch, int(of))} epoch {epoch}/{of}" if of is not None
+                   else f"epoch {epoch}")
+            self._status = (f"runs {self._meter(self.finished, self.total)} "
+                            f"{self.finished:>{len(str(self.total))}}/{self.total} | {m.group(3)} {run}")
+        else:  # the run ended (done, skipped, unavailable, failed)
+            self.finished += 1
+            self._status = (f"runs {self._meter(self.finished, self.total)} "
+                            f"{self.finished}/{self.total}")
+            print("\r\033[K" + line, file=out)
+        print("\r\033[K" + self._status, end="", file=out, flush=True)
+        if self.finished >= self.total:
+            print(file=out, flush=True)
 
 
 def _dedupe(specs: Iterable[RunSpec]) -> Iterator[tuple[str, RunSpec]]:
@@ -896,7 +944,8 @@ def _parallel(pending: list[tuple[str, str, RunSpec]], store: Store, jobs: int, 
 
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-    epoch_lines = isinstance(progress, TextProgress) and progress.epochs
+    # workers print their epoch lines themselves, only in line mode (a bar is the parent's)
+    epoch_lines = isinstance(progress, TextProgress) and progress.epochs and not progress.bar
     dev = None if device is None else str(device)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads run
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)

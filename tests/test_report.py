@@ -193,7 +193,11 @@ def _setting(task):
 
 def _claim(recs, name):
     found = {c.name: c for c in claims(recs)}
-    assert list(found) == ["WASAM ≥ max(SAM, SWA)", "Monge-SAM is more robust to rho than SAM",
+    assert list(found) == ["WASAM ≥ max(SAM, SWA)",
+                           "Flat-minima methods gain more over SGD with label noise",
+                           "SAM beats SGD at equal training time",
+                           "Flatter final models have lower test error",
+                           "Monge-SAM is more robust to rho than SAM",
                            "ESAM costs less than SAM (paper: ~1.4x SGD)", "LETS ≥ best fixed rho"]
     assert all(c.verdict in VERDICTS for c in found.values())
     return found[name]
@@ -287,7 +291,9 @@ def test_claim_wasam():
                                                _setting("w3"): 0.01})
     # mean margin (2 - 5 + 1) / 3 = -0.67 points
     assert c.evidence == ("2 of 3 settings (paper: 39/42); margin over the better of SAM and SWA: "
-                          "mean -0.67 points (-5.00 to +2.00)")
+                          "mean -0.67 points (-5.00 to +2.00); at the last epoch (the final "
+                          "models): 2 of 3")
+    assert (c.data["k_final"], c.data["n_final"]) == (2, 3)  # _rec: last epoch = best - 0.02
     assert _claim(_wasam("w1", "w2", "w3", "w4"), name).verdict == "yes"  # 3 of 4 = 0.75
     assert _claim(_wasam("w1", "w2"), name).verdict == "unclear"  # 1 of 2 = 0.5
     assert _claim(_wasam("w2"), name).evidence.startswith("0 of 1 settings")
@@ -298,7 +304,8 @@ def test_claim_wasam():
     # A metric outside _PERCENT is not scaled, as in the table.
     recall = [_rec("r", opt, 0, acc, metric="recall@1")
               for opt, acc in (("sam_sgd", 0.5), ("sgd+swa", 0.4), ("sam_sgd+swa", 0.52))]
-    assert _claim(recall, name).evidence.endswith("mean +0.0200 recall@1 (+0.0200 to +0.0200)")
+    assert _claim(recall, name).evidence.endswith(
+        "mean +0.0200 recall@1 (+0.0200 to +0.0200); at the last epoch (the final models): 1 of 1")
 
 
 def test_claim_msam_spreads():
@@ -406,7 +413,8 @@ def test_claims_section_in_report(tmp_path):
     assert text.index("## Win matrix") < text.index("## Claims") < text.index("## Plots")
     # task-a: 0.90 vs max(0.88, 0.85), +2 points; task-b: 0.70 vs max(0.75, 0.70), -5 points.
     assert ("- **WASAM ≥ max(SAM, SWA)**: unclear — 1 of 2 settings (paper: 39/42); margin over "
-            "the better of SAM and SWA: mean -1.50 points (-5.00 to +2.00)\n") in text
+            "the better of SAM and SWA: mean -1.50 points (-5.00 to +2.00); at the last epoch (the "
+            "final models): 1 of 2\n") in text
     assert "- **Monge-SAM is more robust to rho than SAM**: not measured — " in text
     assert "- **ESAM costs less than SAM (paper: ~1.4x SGD)**: not measured — " in text
     assert "- **LETS ≥ best fixed rho**: not measured — no LETS runs" in text
@@ -419,7 +427,7 @@ def _with_spec(rec, **changes):
     return dataclasses.replace(rec, spec=dataclasses.replace(rec.spec, **changes))
 
 
-def _claim(records, name_start):
+def _claim_by(records, name_start):
     (c,) = [c for c in claims(records) if c.name.startswith(name_start)]
     return c
 
@@ -429,15 +437,15 @@ def test_claim_noise_compares_gains_over_sgd_with_the_clean_twin():
     noisy = {"sgd": 0.60, "sam_sgd": 0.70, "sgd+swa": 0.61}
     recs = [_rec("task-a", o, 0, a) for o, a in clean.items()]
     recs += [_with_spec(_rec("task-a", o, 0, a), label_noise=0.2) for o, a in noisy.items()]
-    c = _claim(recs, "Flat-minima methods gain more")
+    c = _claim_by(recs, "Flat-minima methods gain more")
     # SAM: +0.10 with noise vs +0.05 without (larger); SWA: +0.01 vs +0.02 (smaller): 1 of 2
     assert (c.data["k"], c.data["n"], c.verdict) == (1, 2, "unclear")
     pairs = {o: (ng, cg) for _, o, ng, cg in c.data["pairs"]}
     assert pairs["sam_sgd"] == pytest.approx((0.10, 0.05)) and pairs["sgd+swa"] == pytest.approx((0.01, 0.02))
     assert "1 of 2" in c.evidence and "+5.00 points" in c.evidence
     only_sam = [r for r in recs if r.spec.optimizer != "sgd+swa"]
-    assert _claim(only_sam, "Flat-minima methods gain more").verdict == "yes"
-    assert _claim(recs[:3], "Flat-minima methods gain more").verdict == "not measured"
+    assert _claim_by(only_sam, "Flat-minima methods gain more").verdict == "yes"
+    assert _claim_by(recs[:3], "Flat-minima methods gain more").verdict == "not measured"
 
 
 def test_claim_equal_time_counts_settings_with_seconds_budgets():
@@ -447,12 +455,12 @@ def test_claim_equal_time_counts_settings_with_seconds_budgets():
     recs = [timed("task-a", "sgd", 0.80), timed("task-a", "sam_sgd", 0.85),
             timed("task-b", "sgd", 0.70), timed("task-b", "sam_sgd", 0.60),
             _rec("task-c", "sgd", 0, 0.5), _rec("task-c", "sam_sgd", 0, 0.9)]  # epochs: not counted
-    c = _claim(recs, "SAM beats SGD at equal")
+    c = _claim_by(recs, "SAM beats SGD at equal")
     assert (c.data["k"], c.data["n"], c.verdict) == (1, 2, "unclear")
     assert sorted(c.data["diffs"].values()) == pytest.approx([-0.10, 0.05])
-    assert _claim(recs[:2], "SAM beats SGD at equal").verdict == "yes"
-    assert _claim(recs[2:4], "SAM beats SGD at equal").verdict == "no"
-    assert _claim(recs[4:], "SAM beats SGD at equal").verdict == "not measured"
+    assert _claim_by(recs[:2], "SAM beats SGD at equal").verdict == "yes"
+    assert _claim_by(recs[2:4], "SAM beats SGD at equal").verdict == "no"
+    assert _claim_by(recs[4:], "SAM beats SGD at equal").verdict == "not measured"
 
 
 def test_spearman_against_hand_values():
@@ -472,10 +480,26 @@ def test_spearman_against_hand_values():
 def test_claim_sharpness_is_the_within_setting_rank_correlation():
     accs = [0.9, 0.85, 0.8, 0.75, 0.7]
     up = [_rec("task-a", "sgd", i, a, sharpness=float(i + 1)) for i, a in enumerate(accs)]
-    c = _claim(up, "Flatter final models")
+    c = _claim_by(up, "Flatter final models")
     assert c.verdict == "yes" and c.data["correlations"] == {setting_of(up[0]): pytest.approx(1.0)}
     down = [_rec("task-b", "sgd", i, a, sharpness=float(5 - i)) for i, a in enumerate(accs)]
-    assert _claim(down, "Flatter final models").verdict == "no"
-    both = _claim(up + down, "Flatter final models")
+    assert _claim_by(down, "Flatter final models").verdict == "no"
+    both = _claim_by(up + down, "Flatter final models")
     assert both.data["median"] == pytest.approx(0.0) and both.verdict == "no"
-    assert _claim(up[:4], "Flatter final models").verdict == "not measured"  # < 5 runs
+    assert _claim_by(up[:4], "Flatter final models").verdict == "not measured"  # < 5 runs
+
+
+def test_win_matrix_at_the_last_epoch():
+    import dataclasses
+
+    recs = _wasam("w1")
+    # WASAM's last epoch drops below SAM's: it wins at the val-chosen epoch only
+    recs = [dataclasses.replace(r, final_test={"accuracy": 0.5, "loss": 1.0}) if r.label == "sam_sgd+swa"
+            else r for r in recs]
+    comp = [("sam_sgd+swa", ("sam_sgd", "sgd+swa"))]
+    assert win_matrix(recs, comp).total() == (1, 1)
+    assert win_matrix(recs, comp, at="final").total() == (0, 1)
+    assert win_matrix(recs, comp, at="final").margins[(win_matrix(recs, comp).comparisons[0].name,
+                                                      _setting("w1"))] == pytest.approx(0.5 - 0.86)
+    with pytest.raises(ValueError, match="invalid at"):
+        win_matrix(recs, comp, at="middle")

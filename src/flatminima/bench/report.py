@@ -338,15 +338,20 @@ def win_matrix(
     comparisons: Iterable[Comparison | tuple[str, Sequence[str] | str]] | None = None,
     *,
     tol: float = 1e-9,
+    at: str = "best",
 ) -> WinMatrix:
     """Decide every comparison in every setting on the means over seeds of the test metric at the
-    validation-chosen epoch: ``a`` wins when ``mean(a) >= max(mean(b) for b in others) - tol``
+    validation-chosen epoch (``at="best"``) or at the last epoch (``at="final"``): ``a`` wins when
+    ``mean(a) >= max(mean(b) for b in others) - tol``
     (ties win; the default ``tol`` only absorbs floating-point round-off in the means).
     ``comparisons``: :class:`Comparison` objects or ``(a, others)`` pairs; default
     :func:`default_comparisons` of the labels present."""
+    if at not in ("best", "final"):
+        raise ValueError(f"invalid at={at!r} (must be 'best' or 'final')")
     groups = _groups(records)
     means = {
-        (setting, label): _mean_std([r.test_at_best for r in recs])[0]
+        (setting, label): _mean_std([r.test_at_best if at == "best" else r.final_test_metric
+                                     for r in recs])[0]
         for setting, by_label in groups.items() for label, recs in by_label.items()
     }
     if comparisons is None:
@@ -410,10 +415,13 @@ def _claim_wasam(records: Sequence[RunRecord], rows: Mapping[tuple[str, str], Ma
     verdict = ("yes" if frac >= WASAM_YES_FRACTION else "no" if frac < WASAM_NO_FRACTION
                else "unclear")
     deltas = [(v, rows[(s, comp.a)]["metric"]) for s, v in margins.items()]
+    # the paper compares the final models; the val-chosen epoch may precede the averaging
+    k_final, n_final = win_matrix(records, [comp], at="final").counts()[comp.name]
     return Claim(name, verdict,
                  f"{k} of {n} settings (paper: 39/42); margin over the better of SAM and SWA: "
-                 f"{_range_text(deltas)}",
-                 {"k": k, "n": n, "margins": margins})
+                 f"{_range_text(deltas)}; at the last epoch (the final models): {k_final} of "
+                 f"{n_final}",
+                 {"k": k, "n": n, "margins": margins, "k_final": k_final, "n_final": n_final})
 
 
 def _claim_msam(groups: Mapping[str, Mapping[str, Sequence[RunRecord]]]) -> Claim:

@@ -503,3 +503,23 @@ def test_win_matrix_at_the_last_epoch():
                                                       _setting("w1"))] == pytest.approx(0.5 - 0.86)
     with pytest.raises(ValueError, match="invalid at"):
         win_matrix(recs, comp, at="middle")
+
+
+def test_format_pivot_cells_and_bold_best():
+    from flatminima.bench.report import format_pivot
+
+    rows = summary_table(_records())
+    text = format_pivot(rows, ["sgd", "sam_sgd", "sam_sgd+swa", "msam_sgd"])
+    lines = text.splitlines()
+    assert lines[0] == "| setting | sgd | sam_sgd | sam_sgd+swa | msam_sgd |"
+    # task-a: sgd 82.00 ± 2.00, sam 88.00 ± 1.00, WASAM 90.00 ± 1.00, msam 91.00 ± 0.00 (best)
+    assert lines[2] == ("| task-a (quick, 3 epochs) (%) | 82.00 ± 2.00 | 88.00 ± 1.00 | 90.00 ± 1.00 "
+                        "| **91.00 ± 0.00** |")
+    assert lines[3] == "| task-b (quick, 3 epochs) (%) | 65.00 ± 5.00 | **75.00 ± 1.00** | 70.00 ± 1.00 | - |"
+    times = format_pivot(rows, ["sgd", "sam_sgd"], value="time").splitlines()
+    assert times[2] == "| task-a (quick, 3 epochs) | **1.00x** | 1.95x |"  # 4.1 / 2.1 ms (seeds +0.1)
+    final = format_pivot(rows, ["sgd"], value="final", best=False).splitlines()
+    assert final[2] == "| task-a (quick, 3 epochs) (%) | 80.00 ± 2.00 |"  # last epoch: acc - 0.02
+    assert format_pivot(rows, ["nope"]).splitlines()[2:] == []
+    with pytest.raises(ValueError, match="invalid value"):
+        format_pivot(rows, value="median")

@@ -94,6 +94,7 @@ __all__ = [
     "claims",
     "default_comparisons",
     "format_claims",
+    "format_pivot",
     "format_summary",
     "setting_of",
     "spearman",
@@ -369,6 +370,60 @@ def win_matrix(
             wm.cells[(c.name, s)] = bool(margin >= -tol)
             wm.margins[(c.name, s)] = margin
     return wm
+
+
+def format_pivot(rows: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None, *,
+                 value: str = "test", best: bool = True) -> str:
+    """A compact Markdown matrix of :func:`summary_table` rows: one row per setting, one column
+    per optimizer label (``labels``, default: every label in order of first appearance), cells
+    ``mean ± std`` of the ``value`` (``"test"``: at the validation-chosen epoch; ``"final"``: at
+    the last epoch; ``"time"``: the time ratio to the baseline, ``1.93x``). With ``best`` the best
+    mean of a row is bold (metrics: highest; time: lowest). Settings that lack every label are
+    left out; a missing cell is ``-``."""
+    if value not in ("test", "final", "time"):
+        raise ValueError(f"invalid value={value!r} (must be 'test', 'final' or 'time')")
+    by_setting: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        by_setting.setdefault(row["setting"], {})[row["optimizer"]] = row
+    cols = list(labels) if labels is not None else list(
+        dict.fromkeys(row["optimizer"] for row in rows))
+    lines = ["| setting | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for setting, cells in by_setting.items():
+        present = [c for c in cols if c in cells]
+        if not present:
+            continue
+        if value == "time":
+            means = {c: cells[c]["time_ratio"] for c in present}
+        else:
+            means = {c: cells[c][f"{value}_mean"] for c in present}
+        finite = [v for v in means.values() if not math.isnan(v)]
+        top = (min(finite) if value == "time" else max(finite)) if finite else None
+        out = []
+        for c in cols:
+            if c not in cells:
+                out.append("-")
+                continue
+            row = cells[c]
+            if value == "time":
+                text = "n/a" if math.isnan(row["time_ratio"]) else f"{row['time_ratio']:.2f}x"
+            else:
+                text = _pm(row[f"{value}_mean"], row[f"{value}_std"], row["metric"])
+            if best and top is not None and means[c] == top:
+                text = f"**{text}**"
+            out.append(text)
+        metric = next(iter(cells.values()))["metric"]
+        unit = "" if value == "time" else (" (%)" if metric in _PERCENT else f" ({metric})")
+        lines.append(f"| {setting}{unit} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def _common_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The labels present in at least half of the settings, in order of first appearance."""
+    settings = {row["setting"] for row in rows}
+    count: dict[str, int] = {}
+    for row in rows:
+        count[row["optimizer"]] = count.get(row["optimizer"], 0) + 1
+    return [lab for lab, k in count.items() if 2 * k >= len(settings)]
 
 
 # ----------------------------------------------------------------------------- claims
@@ -908,6 +963,16 @@ def write_report(
         "and averaged over seeds (± sample standard deviation). Time per step is the mean wall "
         "time of one optimizer step (all its forward/backward passes); peak memory is the peak "
         "over the run's start (CUDA: allocated tensors; CPU: resident set size).",
+        "",
+        "## At a glance",
+        "",
+        "Test metric at the validation-chosen epoch (mean ± std over seeds; the best of a row in "
+        "bold) of the optimizers run in at least half of the settings, then their time per step "
+        f"relative to {baseline}.",
+        "",
+        format_pivot(rows, _common_labels(rows)) if rows else "_no records_",
+        "",
+        format_pivot(rows, _common_labels(rows), value="time") if rows else "",
         "",
         "## Summary",
         "",

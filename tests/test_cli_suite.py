@@ -271,3 +271,41 @@ def test_tasks_shows_the_availability_message(monkeypatch):
     code, out, _ = _run(["tasks"])
     assert code == 0
     assert _task_rows(out)["digits-mlp"][3] == "unavailable: pip install it"
+
+
+def test_suite_studies_run_in_parallel_jobs_and_print_claims(tmp_path):
+    db = tmp_path / "s.sqlite"
+    argv = ["bench", "--suite", "quick", "--tasks", "digits-mlp", "--studies", "main,noise",
+            "--seeds", "0", "--size", "tiny", "--budget", "1", "--jobs", "2", "--quiet", "--db", str(db)]
+    code, out, err = _run(argv)
+    assert code == 0, err
+    assert "studies main,noise" in out and "2 jobs" in out
+    # main: 8 optimizers; noise (30 %): 4 more
+    assert "12 runs: 12 ran, 0 already in the database" in out
+    rows = _rows(_table(out))
+    assert {"sgd", "sam_sgd", "esam_sgd", "sam_sgd+swa", "sam_sgd+lets"} <= set(rows)
+    assert "Claims of the seed papers" in out and "**WASAM ≥ max(SAM, SWA)**" in out
+    with Store(db) as store:
+        recs = store.all()
+    assert len(recs) == 12 and {r.spec.label_noise for r in recs} == {0.0, 0.3}
+    assert all("sharpness" in r.extra for r in recs)
+    lets = [r for r in recs if r.label == "sam_sgd+lets"]
+    assert len(lets) == 1 and "rho" in lets[0].stats_history[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--studies", "nope"], "no study 'nope'"),
+    (["--studies", "main", "--optimizers", "sgd"], "--studies selects the suite's own studies"),
+    (["--optimizers", "sgd+lets"], "LETS wraps a SAM-family optimizer"),
+    (["--optimizers", "sam_sgd+swa+lets"], "LETS wraps a SAM-family optimizer"),
+    (["--optimizers", "sam_sgd+lets,sam_sgd+lets"], "each name once"),
+])
+def test_suite_argument_errors(argv, message, tmp_path):
+    code, _, err = _run(["bench", "--suite", "quick", "--tasks", "digits-mlp", "--size", "tiny",
+                         "--db", str(tmp_path / "x.sqlite"), *argv])
+    assert code == 2 and message in err
+
+
+def test_jobs_and_studies_only_with_the_suite():
+    code, _, err = _run(["bench", "--jobs", "2"])
+    assert code == 2 and "--jobs" in err

@@ -523,3 +523,13 @@ def test_format_pivot_cells_and_bold_best():
     assert format_pivot(rows, ["nope"]).splitlines()[2:] == []
     with pytest.raises(ValueError, match="invalid value"):
         format_pivot(rows, value="median")
+
+
+def test_glance_labels_skip_variants_and_rare_labels():
+    from flatminima.bench.report import _common_labels
+
+    rows = summary_table(_records())
+    # task-a only: asam_sgd+swa, msam_sgd+swa, msam_sgd and the rho variants
+    assert _common_labels(rows) == ["sgd", "sam_sgd", "sgd+swa", "sam_sgd+swa"]
+    one = [r for r in rows if r["setting"].startswith("task-b")]
+    assert _common_labels(one) == ["sgd", "sam_sgd", "sgd+swa", "sam_sgd+swa"]

@@ -418,12 +418,15 @@ def format_pivot(rows: Sequence[Mapping[str, Any]], labels: Sequence[str] | None
 
 
 def _common_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The labels present in at least half of the settings, in order of first appearance."""
+    """The optimizer labels of the glance table, in order of first appearance: those run in at
+    least two settings (every label when there is one setting), without hparam variants (labels
+    with ``[...]``, e.g. a rho sweep's ``sam_sgd[rho=0.1]``)."""
     settings = {row["setting"] for row in rows}
     count: dict[str, int] = {}
     for row in rows:
         count[row["optimizer"]] = count.get(row["optimizer"], 0) + 1
-    return [lab for lab, k in count.items() if 2 * k >= len(settings)]
+    need = 1 if len(settings) == 1 else 2
+    return [lab for lab, k in count.items() if k >= need and "[" not in lab]
 
 
 # ----------------------------------------------------------------------------- claims
@@ -967,8 +970,8 @@ def write_report(
         "## At a glance",
         "",
         "Test metric at the validation-chosen epoch (mean ± std over seeds; the best of a row in "
-        "bold) of the optimizers run in at least half of the settings, then their time per step "
-        f"relative to {baseline}.",
+        "bold) of the optimizers run in at least two settings (hparam variants such as a rho "
+        f"sweep are in the summary), then their time per step relative to {baseline}.",
         "",
         format_pivot(rows, _common_labels(rows)) if rows else "_no records_",
         "",

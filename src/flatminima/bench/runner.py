@@ -97,7 +97,7 @@ from torch import Tensor
 from ..optim.averaging import SWA
 from ..optim.lets import LETS
 from ..optim.registry import SWA_OPTIONS, create, optimizer_info
-from .quick import DEFAULT_OPTIMIZERS, DEFAULT_RHO, optimizer_step
+from .quick import DEFAULT_OPTIMIZERS, _default_rho, optimizer_step
 from .store import EpochRecord, RunRecord, RunSpec, Store
 from .tasks import TASKS, Task, TaskUnavailable
 
@@ -229,12 +229,6 @@ def make_specs(
                     size=size or suite, data_seed=data_seed, label_noise=label_noise, label=label,
                 ))
     return specs
-
-
-def _default_rho(family: str, perturbation: Any) -> float | None:
-    if family == "esam" and perturbation in ("asam", "monge", "msam"):
-        return DEFAULT_RHO.get("msam" if perturbation == "monge" else perturbation)
-    return DEFAULT_RHO.get(family)
 
 
 def optimizer_kwargs(task: Task | type[Task], optimizer: str, hparams: Mapping[str, Any] | None = None

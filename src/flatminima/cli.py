@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     suite_opts.add_argument(
         "--studies", type=_csv, default=None, metavar="LIST",
-        help="run only these studies of the suite (main, noise, rho, lets; full also noise40; "
+        help="run only these studies of the suite (main, noise, rho, lets, time; full also noise40; "
         "default: all)",
     )
     suite_opts.add_argument(

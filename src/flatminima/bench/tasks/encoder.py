@@ -352,11 +352,15 @@ def load_minilm(path: str | Path | None = None, *, max_length: int = MAX_SEQ_LEN
                 ) -> tuple[MiniLM, WordPieceTokenizer]:
     """The frozen model (eval mode, no gradients) and its tokenizer, loaded once per process.
     Raises :class:`~flatminima.bench.tasks.base.TaskUnavailable` when the files are missing."""
+    return _load(_folder(path).resolve(), int(max_length))
+
+
+def _folder(path: str | Path | None) -> Path:
     folder = minilm_dir(path)
     if folder is None:
         where = f" in {path}" if path is not None else ""
         raise TaskUnavailable(f"all-MiniLM-L6-v2 not found{where}: {MINILM_PIP}")
-    return _load(folder.resolve(), int(max_length))
+    return folder
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -436,10 +440,7 @@ def sentence_embeddings(texts: Sequence[str], *, path: str | Path | None = None,
     texts = list(texts)
     if not cache:
         return encode(texts, path=path, max_length=max_length)
-    folder = minilm_dir(path)
-    if folder is None:
-        load_minilm(path, max_length=max_length)  # raises TaskUnavailable with the hint
-        raise AssertionError("unreachable")
+    folder = _folder(path)
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     file = root / f"minilm-{_cache_key(folder, texts, max_length)}.pt"

@@ -122,6 +122,7 @@ def test_embeddings_equal_transformers_and_do_not_depend_on_batching(monkeypatch
     texts, ref = REFERENCE["texts"], torch.tensor(REFERENCE["embeddings"])
     emb = E.encode(texts, batch_size=4)  # mixed lengths: padding inside batches
     assert emb.shape == (len(texts), E.MINILM_DIM) and emb.dtype == torch.float32
+    assert not emb.is_inference() and not emb.requires_grad  # usable as data in autograd
     torch.testing.assert_close(emb, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(texts)))
     alone = torch.cat([E.encode([t]) for t in texts[:4]])

@@ -369,7 +369,7 @@ def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
         yield order[start : start + batch_size]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the result must be usable in autograd like a cached one
 def encode(texts: Sequence[str], *, path: str | Path | None = None, max_length: int = MAX_SEQ_LENGTH,
            batch_size: int = 64) -> Tensor:
     """float32 ``(len(texts), 384)`` sentence embeddings of ``texts`` (no cache), on the CPU."""
